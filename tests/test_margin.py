@@ -1,0 +1,292 @@
+"""`large_margin` against an independent per-example, per-class reference."""
+
+import itertools
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_large_margin import margin
+
+BATCH, CLASSES = 3, 5
+NORM_FNS = {1: lambda v: np.max(np.abs(v)), 2: np.linalg.norm,
+            np.inf: lambda v: np.sum(np.abs(v))}  # dual norm of each dist_norm
+
+
+class TinyNet:
+  """x [B,5,5,1] -conv3x3(2), tanh-> h1 -dense(6), tanh-> h2 -dense-> logits."""
+
+  def __init__(self, dtype=tf.float32, seed=0):
+    rng = np.random.default_rng(seed)
+    self.weights = [
+        tf.Variable(rng.normal(size=s) * scale, dtype=dtype) for s, scale in
+        [((3, 3, 1, 2), 0.5), ((50, 6), 0.3), ((6,), 0.1), ((6, CLASSES), 0.8)]]
+
+  def layers(self, x):
+    conv, dense, bias, out = self.weights
+    h1 = tf.tanh(tf.nn.conv2d(x, conv, strides=1, padding="SAME"))
+    h2 = tf.tanh(tf.reshape(h1, [tf.shape(x)[0], -1]) @ dense + bias)
+    return [x, h1, h2, h2 @ out]  # input, conv, dense, logits
+
+
+def make_data(dtype=np.float32, seed=1):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(BATCH, 5, 5, 1)).astype(dtype)
+  y = rng.integers(0, CLASSES, size=BATCH)
+  return tf.constant(x), y
+
+
+def reference_loss(net, x, labels, *, gamma, alpha_factor, top_k, dist_norm,
+                   epsilon, use_approximation, worst_case_loss, layers_weights):
+  """Eq. 10 with one explicit tape per example and per competing class.
+
+  Differentiable w.r.t. the net's weights; the norms are stopped or not.
+  """
+  layers_weights = layers_weights or [1.] * 4
+  per_layer = [[] for _ in range(4)]
+  for b in range(BATCH):
+    xb = x[b:b + 1]
+    probs = tf.nn.softmax(net.layers(xb)[-1])[0].numpy()
+    others = probs.copy()
+    others[labels[b]] = 0.
+    order = sorted(range(CLASSES), key=lambda i: (-others[i], i))[:top_k]
+    example_distances = [[] for _ in range(4)]
+    for j in order:
+      with tf.GradientTape(persistent=True) as tape:
+        tape.watch(xb)
+        layers = net.layers(xb)
+        for h in layers[1:]:
+          tape.watch(h)
+        p = tf.nn.softmax(layers[-1])[0]
+        diff = p[labels[b]] - p[j] * (0. if j == labels[b] else 1.)
+      grads = tape.gradient(diff, layers)
+      for l, g in enumerate(grads):
+        norm = tf.norm(tf.reshape(g, [-1]), ord=margin.dual_norm(dist_norm))
+        norm = norm / layers_weights[l]
+        if use_approximation:
+          norm = tf.stop_gradient(norm)
+        example_distances[l].append(diff / (norm + epsilon))
+    for l in range(4):
+      d = tf.stack(example_distances[l])
+      if worst_case_loss:
+        d = tf.reduce_min(d, keepdims=True)
+      d = tf.maximum(d, gamma * (1. - alpha_factor))
+      per_layer[l].append(tf.reduce_sum(tf.maximum(0., gamma - d) - gamma))
+  return tf.reduce_mean([tf.reduce_mean(tf.stack(v)) for v in per_layer])
+
+
+def library_loss_eager(net, x, labels, **kwargs):
+  with tf.GradientTape(persistent=True) as tape:
+    tape.watch(x)
+    layers = net.layers(x)
+  return margin.large_margin(logits=layers[-1],
+                             one_hot_labels=tf.one_hot(labels, CLASSES, dtype=x.dtype),
+                             layers_list=layers, tape=tape, **kwargs)
+
+
+@tf.function
+def _graph_loss(net, x, one_hot, kwargs):
+  layers = net.layers(x)
+  return margin.large_margin(logits=layers[-1], one_hot_labels=one_hot,
+                             layers_list=layers, **kwargs)
+
+
+def library_loss_graph(net, x, labels, **kwargs):
+  return _graph_loss(net, x, tf.one_hot(labels, CLASSES, dtype=x.dtype), kwargs)
+
+
+def value_and_grads(fn, net, x, labels, kwargs):
+  with tf.GradientTape() as tape:
+    loss = fn(net, x, labels, **kwargs)
+  return loss.numpy(), [g.numpy() for g in tape.gradient(loss, net.weights)]
+
+
+def typical_gamma(net, x, labels):
+  """A gamma in the range of the distances at the input, so that clipping binds."""
+  _, distances = library_distances(net, x, labels)
+  return float(np.median(np.abs(distances[0].numpy()))) * 1.5
+
+
+def library_distances(net, x, labels, **kwargs):
+  with tf.GradientTape(persistent=True) as tape:
+    tape.watch(x)
+    layers = net.layers(x)
+  return margin.margin_distances(
+      logits=layers[-1], one_hot_labels=tf.one_hot(labels, CLASSES),
+      layers_list=layers, tape=tape, top_k=CLASSES, **kwargs)
+
+
+COMBOS = list(itertools.product([1, 2, np.inf], [1, 3, CLASSES], [True, False],
+                                [True, False], [None, [2., 0.5, 1., 3.]]))
+
+
+@pytest.mark.parametrize("dist_norm,top_k,worst_case_loss,use_approximation,"
+                         "layers_weights", COMBOS)
+def test_matches_per_example_reference(dist_norm, top_k, worst_case_loss,
+                                       use_approximation, layers_weights):
+  net = TinyNet()
+  x, labels = make_data()
+  kwargs = dict(gamma=typical_gamma(net, x, labels), alpha_factor=1.5, top_k=top_k,
+                dist_norm=dist_norm, epsilon=1e-6,
+                use_approximation=use_approximation,
+                worst_case_loss=worst_case_loss, layers_weights=layers_weights)
+  ref_value, ref_grads = value_and_grads(reference_loss, net, x, labels, kwargs)
+  for fn in (library_loss_eager, library_loss_graph):
+    value, grads = value_and_grads(fn, net, x, labels, kwargs)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5, atol=1e-6 * kwargs["gamma"])
+    for g, ref in zip(grads, ref_grads):
+      np.testing.assert_allclose(g, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+
+
+def test_clipping_is_active_in_the_reference_setting():
+  """The combos above exercise both clips: some distances above gamma, some below
+  gamma * (1 - alpha), some in between."""
+  net = TinyNet()
+  x, labels = make_data()
+  gamma = typical_gamma(net, x, labels)
+  _, distances = library_distances(net, x, labels, dist_norm=2)
+  d = np.concatenate([v.numpy().ravel() for v in distances])
+  assert (d > gamma).any()
+  assert ((d < gamma) & (d > -0.5 * gamma)).any()
+
+
+@pytest.mark.parametrize("dist_norm", [1, 2, np.inf])
+def test_exact_gradient_matches_finite_differences(dist_norm):
+  """use_approximation=False differentiates through the norm (second order)."""
+  net = TinyNet(dtype=tf.float64)
+  x, labels = make_data(np.float64)
+  kwargs = dict(gamma=1e3, alpha_factor=2., top_k=2, dist_norm=dist_norm,
+                epsilon=1e-8, use_approximation=False, worst_case_loss=False)
+  _, grads = value_and_grads(library_loss_eager, net, x, labels, kwargs)
+  _, approx_grads = value_and_grads(library_loss_eager, net, x, labels,
+                                    dict(kwargs, use_approximation=True))
+  rng = np.random.default_rng(3)
+  step = 1e-6
+  differs = False
+  for w, g, ga in zip(net.weights, grads, approx_grads):
+    for index in [tuple(rng.integers(0, s) for s in w.shape) for _ in range(3)]:
+      original = w.numpy()
+      values = []
+      for sign in (1., -1.):
+        perturbed = original.copy()
+        perturbed[index] += sign * step
+        w.assign(perturbed)
+        values.append(library_loss_eager(net, x, labels, **kwargs).numpy())
+      w.assign(original)
+      fd = (values[0] - values[1]) / (2 * step)
+      np.testing.assert_allclose(g[index], fd, rtol=1e-5, atol=1e-7)
+      differs |= not np.isclose(ga[index], fd, rtol=1e-3)
+  assert differs, "the approximate gradient should differ from the exact one"
+
+
+def test_original_value_includes_minus_gamma():
+  """An example far beyond the margin contributes relu(...) - gamma = -gamma."""
+  logits = tf.constant([[20., 0., 0.]])
+  value = margin.large_margin(logits=logits, one_hot_labels=[[1., 0., 0.]],
+                              layers_list=[logits], gamma=1e-3,
+                              tape=_tape_for(logits))
+  np.testing.assert_allclose(value.numpy(), -1e-3, rtol=1e-6)
+
+
+def _tape_for(logits):
+  tape = tf.GradientTape(persistent=True)
+  with tape:
+    tape.watch(logits)
+    out = tf.identity(logits)
+  del out
+  return tape
+
+
+def test_logit_space_matches_large_margin_at_logits():
+  rng = np.random.default_rng(0)
+  logits = tf.constant(rng.normal(size=(6, 4)) * 2, tf.float32)
+  one_hot = tf.one_hot(rng.integers(0, 4, 6), 4)
+  for dist_norm, top_k in itertools.product([1, 2, np.inf], [1, 2, 4]):
+    kwargs = dict(gamma=0.5, alpha_factor=3., top_k=top_k, dist_norm=dist_norm,
+                  worst_case_loss=top_k != 2)
+    with tf.GradientTape(persistent=True) as tape:
+      tape.watch(logits)
+      logits_out = logits * 1.
+    expected = margin.large_margin_per_example(
+        logits=logits_out, one_hot_labels=one_hot, layers_list=[logits_out],
+        tape=tape, **kwargs)
+    actual = margin.logit_margin_per_example(logits=logits, one_hot_labels=one_hot,
+                                             **kwargs)
+    np.testing.assert_allclose(actual.numpy(), expected.numpy(), rtol=1e-6)
+
+
+def test_top_k_ties_take_lowest_index():
+  probs = tf.constant([[0.4, 0.2, 0.2, 0.2]])
+  diff, idx = margin.top_k_probability_differences(
+      probs, tf.constant([[1., 0., 0., 0.]]), 2)
+  np.testing.assert_array_equal(idx.numpy(), [[1, 2]])
+  np.testing.assert_allclose(diff.numpy(), [[0.2, 0.2]])
+
+
+def test_half_precision_logits_give_float32_finite_loss():
+  """bfloat16 activations (mixed precision): the margin math runs in float32."""
+  net, half_net = TinyNet(), TinyNet(dtype=tf.bfloat16)
+  x, labels = make_data()
+  half_x = tf.cast(x, tf.bfloat16)
+  with tf.GradientTape(persistent=True) as tape:
+    tape.watch(half_x)
+    layers = half_net.layers(half_x)
+  loss = margin.large_margin(logits=layers[-1], one_hot_labels=tf.one_hot(labels, 5),
+                             layers_list=layers, tape=tape, gamma=1.)
+  assert loss.dtype == tf.float32
+  reference = library_loss_eager(net, x, labels, gamma=1.)
+  assert np.isfinite(loss.numpy())
+  np.testing.assert_allclose(loss.numpy(), reference.numpy(), rtol=0.05)
+
+
+class TestErrors:
+
+  def call(self, **overrides):
+    net = TinyNet()
+    x, labels = make_data()
+    with tf.GradientTape(persistent=True) as tape:
+      tape.watch(x)
+      layers = net.layers(x)
+    kwargs = dict(logits=layers[-1], one_hot_labels=tf.one_hot(labels, CLASSES),
+                  layers_list=layers, tape=tape)
+    kwargs.update(overrides)
+    return margin.large_margin(**kwargs)
+
+  @pytest.mark.parametrize("overrides,match", [
+      (dict(dist_norm=3), "dist_norm must be 1, 2 or np.inf"),
+      (dict(dist_norm="l2"), "dist_norm"),
+      (dict(top_k=0), r"top_k must be in \[1, num_classes=5\]"),
+      (dict(top_k=6), r"top_k must be in \[1, num_classes=5\]"),
+      (dict(top_k=1.5), "top_k must be an integer"),
+      (dict(layers_weights=[1., 2.]), "layers_weights has 2 entries but layers_list has 4"),
+      (dict(layers_weights=[1., 0., 1., 1.]), r"layers_weights\[1\] = 0"),
+      (dict(one_hot_labels=tf.zeros([3, 4])), "same shape"),
+      (dict(layers_list=[]), "layers_list is empty"),
+      (dict(logits=tf.zeros([3, 5], tf.int32)), "float"),
+      (dict(layers_list=[tf.zeros([3, 2])]),
+       r"logits do not depend on layers_list\[0\]"),
+      (dict(tape=None), "pass tape="),
+  ])
+  def test_bad_input_raises(self, overrides, match):
+    with pytest.raises(ValueError, match=match):
+      self.call(**overrides)
+
+  def test_non_persistent_tape_with_top_k(self):
+    net = TinyNet()
+    x, labels = make_data()
+    with tf.GradientTape() as tape:
+      tape.watch(x)
+      layers = net.layers(x)
+    with pytest.raises(ValueError, match="persistent=True"):
+      margin.large_margin(logits=layers[-1], one_hot_labels=tf.one_hot(labels, 5),
+                          layers_list=layers, tape=tape, top_k=2)
+
+  def test_unconnected_layer_named_in_graph_mode(self):
+    @tf.function
+    def f(x):
+      unrelated = tf.identity(x, name="unrelated_tensor")
+      logits = tf.reshape(x * 2., [3, 25])[:, :5]
+      return margin.large_margin(logits=logits, one_hot_labels=tf.one_hot([0, 1, 2], 5),
+                                 layers_list=[x, unrelated])
+    with pytest.raises(ValueError, match=r"layers_list\[1\] \(unrelated_tensor"):
+      f(tf.zeros([3, 5, 5, 1]))

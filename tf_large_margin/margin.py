@@ -1,0 +1,361 @@
+"""The large-margin loss of Elsayed et al. 2018 (Eq. 10), with the original's semantics.
+
+Elsayed, Krishnan, Mobahi, Regan, Bengio, "Large Margin Deep Networks for
+Classification", NeurIPS 2018. For a layer h of the network, softmax probabilities p,
+label y and another class i, the first-order distance of an example to the decision
+boundary between y and i, measured in the l_p norm at h, is
+
+    d_i = (p_y - p_i) / (epsilon + || grad_h p_y - grad_h p_i ||_q),   1/p + 1/q = 1.
+
+The loss penalises distances that fall short of gamma, clipped from below at
+gamma * (1 - alpha_factor):
+
+    loss_i = relu(gamma - max(d_i, gamma * (1 - alpha_factor))) - gamma,
+
+summed over the top-k competing classes i (or only the worst of them), averaged over
+the batch and over the chosen layers. This module mirrors `large_margin()` of the
+original TF1 code: same arguments, same defaults, same value (including the constant
+``- gamma``) and the same gradient.
+
+How the gradients are computed. grad_h (p_y - p_i) is a vector-Jacobian product of the
+logits with the cotangent c_i = d(p_y - p_i)/d logits, which is analytic (softmax
+Jacobian: J v = p * v - p (p . v)). One backward pass per competing class therefore
+yields the gradients at *all* layers together; with ``use_approximation`` (the
+stop-gradient on the denominator) that pass is not recorded for differentiation.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+# Dual norm q of the distance norm p (1/p + 1/q = 1).
+DUAL_NORMS = {1: np.inf, 2: 2, np.inf: 1}
+
+
+def dual_norm(dist_norm):
+  """Returns q, the dual of the distance norm ``dist_norm`` in {1, 2, inf}."""
+  try:
+    return DUAL_NORMS[dist_norm]
+  except (KeyError, TypeError):
+    raise ValueError(
+        f"dist_norm must be 1, 2 or np.inf; got {dist_norm!r}.") from None
+
+
+def flat_norm(x, ord):  # pylint: disable=redefined-builtin
+  """Norm of order ``ord`` in {1, 2, inf} of each example of ``x``, flattened.
+
+  Args:
+    x: tensor of shape [batch, ...].
+    ord: 1, 2 or np.inf.
+
+  Returns:
+    A [batch] tensor.
+  """
+  x = tf.reshape(x, [tf.shape(x)[0], -1])
+  if ord == 1:
+    return tf.reduce_sum(tf.abs(x), axis=1)
+  if ord == 2:
+    return tf.norm(x, ord=2, axis=1)
+  return tf.reduce_max(tf.abs(x), axis=1)
+
+
+def top_k_probability_differences(probs, one_hot_labels, top_k):
+  """p_y - p_(j) for the k most probable other classes.
+
+  Args:
+    probs: [batch, classes] softmax probabilities.
+    one_hot_labels: [batch, classes] one-hot labels (same dtype as ``probs``).
+    top_k: number of competing classes.
+
+  Returns:
+    ``(differences, indices)``, both [batch, top_k]: p_y - p_(j) and the class index
+    of the j-th most probable other class (ties: lowest index first, as
+    ``tf.math.top_k``).
+  """
+  correct_prob = tf.reduce_sum(probs * one_hot_labels, axis=1, keepdims=True)
+  other_probs = probs * (1. - one_hot_labels)
+  top_probs, indices = tf.math.top_k(other_probs, k=top_k)
+  return correct_prob - top_probs, indices
+
+
+def probability_difference_cotangents(probs, one_hot_labels, indices):
+  """d(p_y - p_(j)) / d logits for each column j of ``indices``.
+
+  With p_y = sum(p * one_hot) and p_(j) = p_i * (1 - one_hot_i) for i = indices[:, j]
+  (as in `top_k_probability_differences`), the derivative w.r.t. the logits is
+  J v_j with J = diag(p) - p p^T the softmax Jacobian and
+  v_j = one_hot - (1 - one_hot_i) e_i.
+
+  Returns:
+    A list of ``indices.shape[1]`` tensors of shape [batch, classes].
+  """
+  num_classes = tf.shape(probs)[1]
+  cotangents = []
+  for j in range(indices.shape[1]):
+    other = tf.one_hot(indices[:, j], num_classes, dtype=probs.dtype)
+    v = one_hot_labels - other * (1. - one_hot_labels)
+    cotangents.append(
+        probs * v - probs * tf.reduce_sum(probs * v, axis=1, keepdims=True))
+  return cotangents
+
+
+def _maximum_with_relu(a, b):
+  """max(a, b) written as a + relu(b - a), with the original's gradient at a == b."""
+  return a + tf.nn.relu(b - a)
+
+
+def clipped_margin_loss(distances, gamma=10000., alpha_factor=2.,
+                        worst_case_loss=True):
+  """Per-example hinge on the distances, clipped into [gamma (1 - alpha), gamma].
+
+      loss = sum_j relu(gamma - max(d_j, gamma * (1 - alpha_factor))) - gamma
+
+  Args:
+    distances: [batch, k] signed distances to the boundaries.
+    gamma: the desired margin.
+    alpha_factor: distances below gamma * (1 - alpha_factor) are clipped.
+    worst_case_loss: if True, only the smallest distance of each example counts.
+
+  Returns:
+    A [batch] tensor.
+  """
+  if worst_case_loss:
+    distances = tf.reduce_min(distances, axis=1, keepdims=True)
+  lower = gamma * (1. - alpha_factor)
+  loss = _maximum_with_relu(distances, lower)
+  loss = _maximum_with_relu(0., gamma - loss) - gamma
+  return tf.reduce_sum(loss, axis=1)
+
+
+def _check_hyperparameters(top_k, num_classes, dist_norm, num_layers,
+                           layers_weights):
+  """Validates the arguments shared by the margin functions; returns the weights."""
+  dual_norm(dist_norm)
+  if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)):
+    raise ValueError(f"top_k must be an integer; got {top_k!r}.")
+  if num_classes is not None and not 1 <= top_k <= num_classes:
+    raise ValueError(
+        f"top_k must be in [1, num_classes={num_classes}]; got {top_k}.")
+  if top_k < 1:
+    raise ValueError(f"top_k must be >= 1; got {top_k}.")
+  if num_layers == 0:
+    raise ValueError("layers_list is empty: give at least one layer tensor.")
+  if layers_weights is None:
+    return [1.] * num_layers
+  layers_weights = list(layers_weights)
+  if len(layers_weights) != num_layers:
+    raise ValueError(
+        f"layers_weights has {len(layers_weights)} entries but layers_list has "
+        f"{num_layers}.")
+  for i, weight in enumerate(layers_weights):
+    if not weight > 0:
+      raise ValueError(
+          f"layers_weights must be positive; layers_weights[{i}] = {weight!r}.")
+  return layers_weights
+
+
+def _check_logits_and_labels(logits, one_hot_labels):
+  """Validates dtypes and shapes; returns the logits and the labels as floats.
+
+  The labels take the dtype the margin math runs in: float32 for half-precision
+  logits (mixed precision), the logits' own dtype otherwise (float32 or float64).
+  """
+  logits = tf.convert_to_tensor(logits)
+  if not logits.dtype.is_floating:
+    raise ValueError(f"logits must be a float tensor; got dtype {logits.dtype.name}.")
+  one_hot_labels = tf.convert_to_tensor(one_hot_labels)
+  if logits.shape.rank != 2:
+    raise ValueError(f"logits must have shape [batch, classes]; got {logits.shape}.")
+  if not logits.shape.is_compatible_with(one_hot_labels.shape):
+    raise ValueError(
+        f"logits and one_hot_labels must have the same shape; got {logits.shape} "
+        f"and {one_hot_labels.shape}.")
+  math_dtype = tf.float32 if logits.dtype.size < 4 else logits.dtype
+  return logits, tf.cast(one_hot_labels, math_dtype)
+
+
+def _distances(differences, gradients, dual, weight, epsilon, use_approximation):
+  """d = diff / (||g_j||_q / weight + epsilon) for each column j; [batch, k]."""
+  norms = tf.stack(
+      [flat_norm(tf.cast(g, differences.dtype), dual) / weight for g in gradients], axis=1)
+  if use_approximation:
+    norms = tf.stop_gradient(norms)
+  return differences / (norms + epsilon)
+
+
+def _vector_jacobian_product(tape, target, sources, cotangent, record):
+  """Gradients of <target, cotangent> w.r.t. each source (None if unconnected)."""
+  if tape is None:
+    return tf.gradients(target, sources, grad_ys=cotangent)
+  if not record and getattr(tape, "_recording", False):
+    # Private attribute (TF 2.x): stop_recording() raises on a non-recording tape.
+    with tape.stop_recording():
+      return tape.gradient(target, sources, output_gradients=cotangent)
+  return tape.gradient(target, sources, output_gradients=cotangent)
+
+
+def _describe(index, tensor):
+  name = "" if tf.executing_eagerly() else f" ({tensor.name})"
+  return f"layers_list[{index}]{name} of shape {tensor.shape}"
+
+
+def margin_distances(*, logits, one_hot_labels, layers_list, top_k=1, dist_norm=2,
+                     epsilon=1e-8, use_approximation=True, layers_weights=None,
+                     tape=None):
+  """First-order signed distances to the top-k decision boundaries at each layer.
+
+      d_l[:, j] = (p_y - p_(j)) / (epsilon + || grad_{h_l} (p_y - p_(j)) ||_q / w_l)
+
+  Args:
+    logits: [batch, classes] float logits.
+    one_hot_labels: [batch, classes] one-hot labels.
+    layers_list: tensors h_l that ``logits`` depends on (inputs, hidden activations
+      or the logits themselves).
+    top_k: number of competing classes, in [1, classes].
+    dist_norm: norm p of the distance, 1, 2 or np.inf (the gradient is measured in
+      its dual norm q).
+    epsilon: added to the gradient norm.
+    use_approximation: stop the gradient through the norm (denominator).
+    layers_weights: positive weights w_l, one per layer (default 1); the gradient
+      norm is divided by w_l.
+    tape: in eager mode, a `tf.GradientTape` that recorded ``logits`` from
+      ``layers_list`` (persistent if top_k > 1, since it is used once per class).
+      In a `tf.function` it may be None (`tf.gradients` is used).
+
+  Returns:
+    ``(differences, distances)``: the [batch, top_k] probability margins
+    p_y - p_(j) and a list with one [batch, top_k] distance tensor per layer (float32
+    for half-precision logits, the logits' dtype otherwise).
+  """
+  logits, one_hot_labels = _check_logits_and_labels(logits, one_hot_labels)
+  layers_list = list(layers_list)
+  layers_weights = _check_hyperparameters(top_k, logits.shape[1], dist_norm,
+                                          len(layers_list), layers_weights)
+  if tape is None and tf.executing_eagerly():
+    raise ValueError(
+        "In eager mode pass tape=: the tf.GradientTape that recorded logits "
+        "from layers_list (tf.gradients needs a tf.function).")
+  if (tape is not None and top_k > 1 and
+      getattr(tape, "_persistent", True) is False):
+    raise ValueError(
+        f"top_k={top_k} needs one gradient per class: pass a "
+        "tf.GradientTape(persistent=True).")
+  dual = dual_norm(dist_norm)
+
+  probs = tf.nn.softmax(tf.cast(logits, one_hot_labels.dtype))
+  differences, indices = top_k_probability_differences(probs, one_hot_labels, top_k)
+  cotangents = probability_difference_cotangents(probs, one_hot_labels, indices)
+
+  # gradients[l][j]: grad_{h_l} (p_y - p_(j)), one backward pass per class j.
+  gradients = [[] for _ in layers_list]
+  for cotangent in cotangents:
+    grads = _vector_jacobian_product(tape, logits, layers_list,
+                                     tf.cast(cotangent, logits.dtype),
+                                     record=not use_approximation)
+    for l, grad in enumerate(grads):
+      if grad is None:
+        raise ValueError(
+            f"logits do not depend on {_describe(l, layers_list[l])}: its gradient "
+            "is None (in eager mode, the tape must watch it and record logits).")
+      gradients[l].append(grad)
+
+  distances = [
+      _distances(differences, grads, dual, weight, epsilon, use_approximation)
+      for grads, weight in zip(gradients, layers_weights)
+  ]
+  return differences, distances
+
+
+def large_margin_per_example(*, logits, one_hot_labels, layers_list, gamma=10000.,
+                             alpha_factor=2., top_k=1, dist_norm=2, epsilon=1e-8,
+                             use_approximation=True, worst_case_loss=True,
+                             layers_weights=None, tape=None):
+  """Eq. 10 per example, averaged over layers: a [batch] tensor.
+
+  Its batch mean is `large_margin`; see there for the arguments.
+  """
+  _, distances = margin_distances(
+      logits=logits, one_hot_labels=one_hot_labels, layers_list=layers_list,
+      top_k=top_k, dist_norm=dist_norm, epsilon=epsilon,
+      use_approximation=use_approximation, layers_weights=layers_weights, tape=tape)
+  losses = [clipped_margin_loss(d, gamma, alpha_factor, worst_case_loss)
+            for d in distances]
+  return tf.add_n(losses) / len(losses)
+
+
+def large_margin(*, logits, one_hot_labels, layers_list, gamma=10000.,
+                 alpha_factor=2., top_k=1, dist_norm=2, epsilon=1e-8,
+                 use_approximation=True, worst_case_loss=True, layers_weights=None,
+                 tape=None):
+  """The large-margin loss of Elsayed et al. 2018 (Eq. 10), as the original code.
+
+  For each layer h_l in ``layers_list`` and each of the ``top_k`` most probable
+  classes j other than the label y:
+
+      d = (p_y - p_j) / (epsilon + || grad_{h_l} (p_y - p_j) ||_q / w_l)
+      loss = relu(gamma - max(d, gamma * (1 - alpha_factor))) - gamma
+
+  summed over j (or taken at the smallest d if ``worst_case_loss``), averaged over
+  the batch, then over the layers. q is the dual of ``dist_norm`` (1 -> inf, 2 -> 2,
+  inf -> 1).
+
+  Example (eager; in a `tf.function` ``tape`` may be omitted):
+
+  >>> x = tf.random.normal([8, 4]); w = tf.Variable(tf.random.normal([4, 3]))
+  >>> with tf.GradientTape() as weights_tape:
+  ...   with tf.GradientTape(persistent=True) as tape:
+  ...     tape.watch(x)
+  ...     logits = x @ w
+  ...   loss = large_margin(logits=logits, one_hot_labels=tf.one_hot([0] * 8, 3),
+  ...                       layers_list=[x], gamma=1., tape=tape)
+  >>> grad = weights_tape.gradient(loss, w)
+
+  Args:
+    logits: [batch, classes] float logits.
+    one_hot_labels: [batch, classes] one-hot labels.
+    layers_list: tensors the margin is enforced at (the input, hidden activations,
+      the logits).
+    gamma: desired margin (in the units of each layer).
+    alpha_factor: distances below gamma * (1 - alpha_factor) are clipped (no
+      gradient).
+    top_k: number of competing classes.
+    dist_norm: 1, 2 or np.inf.
+    epsilon: added to the gradient norm.
+    use_approximation: stop the gradient through the denominator.
+    worst_case_loss: only the smallest distance over the top-k classes counts.
+    layers_weights: positive per-layer weights (the gradient norm is divided by them).
+    tape: eager mode only: the tape that recorded ``logits`` from ``layers_list``
+      (persistent if top_k > 1). When the loss is differentiated through
+      the norm (``use_approximation=False``), the caller differentiates the loss
+      with an outer tape, or with this one if it is persistent and still recording.
+
+  Returns:
+    A scalar (float32 for half-precision logits, the logits' dtype otherwise).
+
+  Raises:
+    ValueError: for a bad hyper-parameter, mismatched shapes, an empty
+      ``layers_list``, non-float logits or a layer the logits do not depend on.
+  """
+  return tf.reduce_mean(large_margin_per_example(
+      logits=logits, one_hot_labels=one_hot_labels, layers_list=layers_list,
+      gamma=gamma, alpha_factor=alpha_factor, top_k=top_k, dist_norm=dist_norm,
+      epsilon=epsilon, use_approximation=use_approximation,
+      worst_case_loss=worst_case_loss, layers_weights=layers_weights, tape=tape))
+
+
+def logit_margin_per_example(*, logits, one_hot_labels, gamma=10000.,
+                             alpha_factor=2., top_k=1, dist_norm=2, epsilon=1e-8,
+                             use_approximation=True, worst_case_loss=True):
+  """Eq. 10 at the logits only, per example, with no tape: a [batch] tensor.
+
+  The gradient of p_y - p_j w.r.t. the logits is the analytic softmax cotangent
+  (see `probability_difference_cotangents`), so this equals `large_margin_per_example`
+  with ``layers_list=[logits]`` and works wherever a Keras loss is called.
+  """
+  logits, one_hot_labels = _check_logits_and_labels(logits, one_hot_labels)
+  _check_hyperparameters(top_k, logits.shape[1], dist_norm, 1, None)
+  probs = tf.nn.softmax(tf.cast(logits, one_hot_labels.dtype))
+  differences, indices = top_k_probability_differences(probs, one_hot_labels, top_k)
+  cotangents = probability_difference_cotangents(probs, one_hot_labels, indices)
+  distances = _distances(differences, cotangents, dual_norm(dist_norm), 1., epsilon,
+                         use_approximation)
+  return clipped_margin_loss(distances, gamma, alpha_factor, worst_case_loss)
