@@ -1,0 +1,133 @@
+"""The large-margin loss as a drop-in Keras loss."""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tf_large_margin import margin
+
+
+def one_hot_labels(y_true, num_classes, dtype=tf.float32):
+  """Integer labels of shape [batch] or [batch, 1], or one-hot [batch, classes] ->
+  one-hot [batch, classes] of ``dtype``."""
+  y_true = tf.convert_to_tensor(y_true)
+  rank = y_true.shape.rank
+  if rank == 2 and y_true.shape[-1] == num_classes and num_classes != 1:
+    return tf.cast(y_true, dtype)
+  if rank == 1 or (rank == 2 and y_true.shape[-1] == 1):
+    labels = tf.cast(tf.reshape(y_true, [-1]), tf.int32)
+    return tf.one_hot(labels, num_classes, dtype=dtype)
+  raise ValueError(
+      f"Labels must be integers of shape [batch] or [batch, 1], or one-hot of shape "
+      f"[batch, {num_classes}]; got shape {y_true.shape}.")
+
+
+def probabilities_to_logits(probs):
+  """log(p) (p floored at Keras' epsilon): logits whose softmax gives back ``probs``."""
+  return tf.math.log(tf.maximum(probs, keras.config.epsilon()))
+
+
+@keras.saving.register_keras_serializable(package="tf_large_margin")
+class LargeMarginLoss(keras.losses.Loss):
+  """Large-margin loss of Elsayed et al. 2018 (Eq. 10), plus optional cross-entropy.
+
+  In ``model.compile(loss=LargeMarginLoss(...))`` of a plain Keras model the margin
+  is enforced in logit space: with p = softmax(logits),
+
+      d_j = (p_y - p_j) / (epsilon + || d(p_y - p_j) / d logits ||_q)
+      loss = sum_j [relu(gamma - max(d_j, gamma (1 - alpha_factor))) - gamma]
+             + cross_entropy_weight * crossentropy(y, logits)
+
+  over the ``top_k`` most probable classes j != y (only the smallest d_j with
+  ``worst_case_loss``), q the dual norm of ``dist_norm``. The gradient w.r.t. the
+  logits is analytic, so no tape is needed. Compiled into a
+  `tf_large_margin.MarginModel`, the same object carries the hyper-parameters and the
+  margin is enforced at the model's ``margin_layers`` (input, hidden layers) instead.
+
+  Example:
+
+  >>> model = keras.Sequential([keras.Input((784,)), keras.layers.Dense(10)])
+  >>> model.compile("sgd", loss=LargeMarginLoss(gamma=1., dist_norm=2,
+  ...                                           cross_entropy_weight=1.))
+
+  Args:
+    gamma, alpha_factor, top_k, dist_norm, epsilon, use_approximation,
+    worst_case_loss: as `tf_large_margin.large_margin` (same defaults).
+    cross_entropy_weight: weight of the softmax cross-entropy added to the margin
+      loss (0.0: pure margin loss, as the original MNIST configuration).
+    from_logits: True (default): ``y_pred`` are logits. False: ``y_pred`` are
+      probabilities (e.g. after a softmax layer); their logarithm is used as the
+      logits (softmax(log p) = p), so the margin is measured in log-probability
+      space.
+    reduction, name, dtype: as `keras.losses.Loss`.
+
+  Labels may be integers ([batch] or [batch, 1]) or one-hot ([batch, classes]).
+  """
+
+  def __init__(self, gamma=10000., alpha_factor=2., top_k=1, dist_norm=2,
+               epsilon=1e-8, use_approximation=True, worst_case_loss=True,
+               cross_entropy_weight=0., from_logits=True,
+               reduction="sum_over_batch_size", name="large_margin_loss",
+               dtype=None):
+    super().__init__(name=name, reduction=reduction, dtype=dtype)
+    margin.dual_norm(dist_norm)
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+      raise ValueError(f"top_k must be an integer >= 1; got {top_k!r}.")
+    if cross_entropy_weight < 0:
+      raise ValueError(
+          f"cross_entropy_weight must be >= 0; got {cross_entropy_weight}.")
+    if epsilon < 0:
+      raise ValueError(f"epsilon must be >= 0; got {epsilon}.")
+    self.gamma = float(gamma)
+    self.alpha_factor = float(alpha_factor)
+    self.top_k = int(top_k)
+    self.dist_norm = float(dist_norm) if dist_norm == np.inf else int(dist_norm)
+    self.epsilon = float(epsilon)
+    self.use_approximation = bool(use_approximation)
+    self.worst_case_loss = bool(worst_case_loss)
+    self.cross_entropy_weight = float(cross_entropy_weight)
+    self.from_logits = bool(from_logits)
+
+  @property
+  def margin_kwargs(self):
+    """The keyword arguments of `tf_large_margin.large_margin` this loss carries."""
+    return dict(gamma=self.gamma, alpha_factor=self.alpha_factor, top_k=self.top_k,
+                dist_norm=self.dist_norm, epsilon=self.epsilon,
+                use_approximation=self.use_approximation,
+                worst_case_loss=self.worst_case_loss)
+
+  def logits_and_labels(self, y_true, y_pred):
+    """``(logits, one_hot)`` from what Keras passes to the loss."""
+    logits = y_pred if self.from_logits else probabilities_to_logits(y_pred)
+    return logits, one_hot_labels(y_true, logits.shape[-1], logits.dtype)
+
+  def per_example_parts(self, one_hot, logits, layers_list=None, layers_weights=None,
+                        tape=None):
+    """``(margin, crossentropy)`` per example, both [batch].
+
+    With ``layers_list`` None the margin is taken at the logits (analytic
+    gradient); otherwise at the given layers, as `tf_large_margin.large_margin`
+    (``tape``: the tape that recorded ``logits`` from ``layers_list``).
+    """
+    if layers_list is None:
+      margin_values = margin.logit_margin_per_example(
+          logits=logits, one_hot_labels=one_hot, **self.margin_kwargs)
+    else:
+      margin_values = margin.large_margin_per_example(
+          logits=logits, one_hot_labels=one_hot, layers_list=layers_list,
+          layers_weights=layers_weights, tape=tape, **self.margin_kwargs)
+    xent_values = tf.nn.softmax_cross_entropy_with_logits(
+        labels=tf.cast(one_hot, margin_values.dtype),
+        logits=tf.cast(logits, margin_values.dtype))
+    return margin_values, xent_values
+
+  def call(self, y_true, y_pred):
+    logits, one_hot = self.logits_and_labels(y_true, y_pred)
+    margin_values, xent_values = self.per_example_parts(one_hot, logits)
+    return margin_values + self.cross_entropy_weight * xent_values
+
+  def get_config(self):
+    config = super().get_config()
+    config.update(self.margin_kwargs, cross_entropy_weight=self.cross_entropy_weight,
+                  from_logits=self.from_logits)
+    return config

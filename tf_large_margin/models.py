@@ -1,0 +1,199 @@
+"""`MarginModel`: a Keras model whose training step enforces the margin at hidden layers."""
+
+import math
+
+import keras
+import tensorflow as tf
+# Keras' own loss reduction (sample weights, reductions, the 1/replicas scaling of
+# tf.distribute) so that the margin step reduces exactly as `model.compile` losses.
+from keras.src.losses.loss import reduce_weighted_values
+from keras.src.losses.loss import unscale_loss_for_distribution
+from keras.src.trainers.data_adapters.data_adapter_utils import (
+    unpack_x_y_sample_weight)
+
+from tf_large_margin import distribute
+from tf_large_margin import margin
+from tf_large_margin.losses import LargeMarginLoss
+from tf_large_margin.losses import one_hot_labels
+
+INPUT = "input"
+SIZE = "size"
+
+
+@keras.saving.register_keras_serializable(package="tf_large_margin")
+class MarginModel(keras.Model):
+  """A Keras model trained with the large-margin loss at chosen layers (Eq. 10).
+
+  Compile it with a `tf_large_margin.LargeMarginLoss`: its hyper-parameters reach the
+  training step, which makes one forward pass returning the logits and the
+  activations h_l of ``margin_layers``, and minimises
+
+      mean_l margin(h_l) + cross_entropy_weight * crossentropy + sum(model.losses)
+
+  (margin as `tf_large_margin.large_margin`, per example, reduced with the loss's
+  Keras reduction and ``sample_weight``). The logs report ``loss``, ``margin`` and
+  ``xent`` besides the compiled metrics. Compiled with any other loss it trains as a
+  plain `keras.Model`.
+
+  Functional use:
+
+  >>> inputs = keras.Input((28, 28, 1))
+  >>> h = keras.layers.Conv2D(32, 5, name="conv0", activation="relu")(inputs)
+  >>> logits = keras.layers.Dense(10)(keras.layers.Flatten()(h))
+  >>> model = MarginModel(inputs, logits, margin_layers=["input", "conv0"])
+  >>> model.compile("sgd", loss=LargeMarginLoss(gamma=1., cross_entropy_weight=1.))
+
+  An existing functional or `Sequential` model: ``MarginModel.from_model(model,
+  margin_layers=[...])`` (the layers are shared, not copied).
+
+  A subclassed model (no layer graph) subclasses `MarginModel` and overrides
+  `margin_endpoints(x, training)` to return ``(logits, activations)``: the
+  activations of the names in ``margin_layers`` other than "input", in that order,
+  computed in the same forward pass as the logits.
+
+  Args:
+    margin_layers: names of layers whose outputs the margin is enforced at;
+      "input" is the model's (single) input. Default: ["input"].
+    layers_weights: None (all 1), "size" (each layer's number of elements per
+      example, as the original train.py passes for dist_norm=inf: the gradient norm
+      is divided by it) or a list of positive floats, one per margin layer.
+    *args, **kwargs: as `keras.Model` (e.g. ``inputs``, ``outputs``, ``name``).
+  """
+
+  def __init__(self, *args, margin_layers=(INPUT,), layers_weights=None, **kwargs):
+    super().__init__(*args, **kwargs)
+    margin_layers = [margin_layers] if isinstance(margin_layers, str) else list(
+        margin_layers)
+    if not margin_layers:
+      raise ValueError("margin_layers is empty: name at least one layer or 'input'.")
+    if layers_weights is not None and layers_weights != SIZE:
+      layers_weights = [float(w) for w in layers_weights]
+      margin._check_hyperparameters(1, None, 2, len(margin_layers), layers_weights)  # pylint: disable=protected-access
+    self.margin_layers = margin_layers
+    self.layers_weights = layers_weights
+    self._margin_tracker = keras.metrics.Mean(name="margin")
+    self._xent_tracker = keras.metrics.Mean(name="xent")
+    if hasattr(self, "_nodes"):  # functional: resolve the names now.
+      self._build_endpoints()
+
+  @classmethod
+  def from_model(cls, model, margin_layers=(INPUT,), layers_weights=None):
+    """Wraps a built functional or `Sequential` model, sharing its layers."""
+    try:
+      inputs, outputs = model.inputs, model.outputs
+    except (AttributeError, ValueError):
+      inputs = outputs = None
+    if not inputs or not outputs:
+      raise ValueError(
+          f"Model {model.name!r} has no layer graph: build it on a keras.Input (or "
+          "subclass MarginModel and override margin_endpoints()).")
+    if len(outputs) != 1:
+      raise ValueError(f"The model must have one output (the logits); "
+                       f"{model.name!r} has {len(outputs)}.")
+    return cls(inputs=inputs, outputs=outputs[0], margin_layers=margin_layers,
+               layers_weights=layers_weights, name=model.name)
+
+  def _build_endpoints(self):
+    """A functional model sharing this one's layers that also returns the margin
+    layers' outputs (kept out of Keras' layer tracking)."""
+    if len(self.outputs) != 1:
+      raise ValueError(f"MarginModel needs one output (the logits); got "
+                       f"{len(self.outputs)}.")
+    if INPUT in self.margin_layers and len(self.inputs) != 1:
+      raise ValueError(f"'input' is ambiguous for a model with {len(self.inputs)} "
+                       "inputs.")
+    hidden = []
+    for name in self.margin_layers:
+      if name == INPUT:
+        continue
+      try:
+        layer = self.get_layer(name)
+      except ValueError:
+        known = ", ".join(repr(l.name) for l in self.layers)
+        raise ValueError(
+            f"Unknown margin layer {name!r}: the model's layers are {known} "
+            "(or 'input').") from None
+      if len(layer._inbound_nodes) != 1:  # pylint: disable=protected-access
+        raise ValueError(f"Margin layer {name!r} is called several times in the model, "
+                         "so its output is ambiguous.")
+      if not keras.backend.is_keras_tensor(layer.output):
+        raise ValueError(f"Margin layer {name!r} has several outputs; the margin "
+                         "needs one tensor per layer.")
+      hidden.append(layer.output)
+    object.__setattr__(self, "_endpoints", keras.Model(
+        self.inputs, [self.outputs[0]] + hidden, name=f"{self.name}_endpoints"))
+
+  def margin_endpoints(self, x, training=False):
+    """One forward pass: ``(logits, [outputs of the margin layers but "input"])``."""
+    outputs = self._endpoints(x, training=training)
+    return outputs[0], list(outputs[1:])
+
+  @property
+  def margin_loss(self):
+    """The compiled `LargeMarginLoss` (it switches on the margin step), or None."""
+    loss = getattr(self, "loss", None)
+    return loss if isinstance(loss, LargeMarginLoss) else None
+
+  def _layers_weights(self, layers_list):
+    if self.layers_weights == SIZE:
+      return [float(math.prod(h.shape[1:])) for h in layers_list]
+    return self.layers_weights
+
+  def compute_margin_loss(self, x, y, sample_weight=None, training=False):
+    """Total loss of one batch and its logits (the step's forward pass).
+
+    Returns ``(total, logits)``; also updates the ``loss``, ``margin`` and
+    ``xent`` trackers.
+    """
+    loss_fn = self.margin_loss
+    x = tf.convert_to_tensor(x)
+    with tf.GradientTape(persistent=True) as tape:
+      tape.watch(x)
+      logits, hidden = self.margin_endpoints(x, training=training)
+    hidden = iter(hidden)
+    layers_list = [x if name == INPUT else next(hidden) for name in self.margin_layers]
+    one_hot = one_hot_labels(y, logits.shape[-1])
+    margin_values, xent_values = loss_fn.per_example_parts(
+        one_hot, logits, layers_list=layers_list,
+        layers_weights=self._layers_weights(layers_list), tape=tape)
+
+    def reduce(values):
+      return reduce_weighted_values(values, sample_weight=sample_weight,
+                                    reduction=loss_fn.reduction, dtype="float32")
+
+    margin_loss, xent_loss = reduce(margin_values), reduce(xent_values)
+    total = margin_loss + loss_fn.cross_entropy_weight * xent_loss
+    for extra in self.losses:
+      total += tf.cast(self._aggregate_additional_loss(extra), total.dtype)
+    batch_size = tf.shape(x)[0]
+    self._loss_tracker.update_state(unscale_loss_for_distribution(total),
+                                    sample_weight=batch_size)
+    self._margin_tracker.update_state(unscale_loss_for_distribution(margin_loss),
+                                      sample_weight=batch_size)
+    self._xent_tracker.update_state(unscale_loss_for_distribution(xent_loss),
+                                    sample_weight=batch_size)
+    return total, logits
+
+  def train_step(self, data):
+    if self.margin_loss is None:
+      return super().train_step(data)
+    x, y, sample_weight = unpack_x_y_sample_weight(data)
+    with tf.GradientTape() as tape:
+      loss, logits = self.compute_margin_loss(x, y, sample_weight, training=True)
+      scaled_loss = self.optimizer.scale_loss(loss)
+    gradients = tape.gradient(scaled_loss, self.trainable_weights)
+    self.optimizer.apply(gradients, self.trainable_weights)
+    return distribute.fix_logs(self.compute_metrics(x, y, logits, sample_weight))
+
+  def test_step(self, data):
+    if self.margin_loss is None:
+      return super().test_step(data)
+    x, y, sample_weight = unpack_x_y_sample_weight(data)
+    _, logits = self.compute_margin_loss(x, y, sample_weight, training=False)
+    return distribute.fix_logs(self.compute_metrics(x, y, logits, sample_weight))
+
+  def get_config(self):
+    config = super().get_config()
+    config.update(margin_layers=list(self.margin_layers),
+                  layers_weights=self.layers_weights)
+    return config
