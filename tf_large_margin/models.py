@@ -174,23 +174,34 @@ class MarginModel(keras.Model):
                                     sample_weight=batch_size)
     return total, logits
 
+  def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+    # Multi-worker workaround (see tf_large_margin/distribute.py): build from the
+    # local replica's first batch instead of a cross-worker reduction of it.
+    if iterator is not None and self._distribute_strategy is not None:
+      for _, _, batches in iterator:
+        with self._distribute_strategy.scope():
+          data_batch = distribute.local_batch(next(batches))
+        break
+      iterator = None
+    super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
   def train_step(self, data):
     if self.margin_loss is None:
-      return super().train_step(data)
+      return distribute.logs_for_reduction(super().train_step(data))
     x, y, sample_weight = unpack_x_y_sample_weight(data)
     with tf.GradientTape() as tape:
       loss, logits = self.compute_margin_loss(x, y, sample_weight, training=True)
       scaled_loss = self.optimizer.scale_loss(loss)
     gradients = tape.gradient(scaled_loss, self.trainable_weights)
     self.optimizer.apply(gradients, self.trainable_weights)
-    return distribute.fix_logs(self.compute_metrics(x, y, logits, sample_weight))
+    return distribute.logs_for_reduction(self.compute_metrics(x, y, logits, sample_weight))
 
   def test_step(self, data):
     if self.margin_loss is None:
-      return super().test_step(data)
+      return distribute.logs_for_reduction(super().test_step(data))
     x, y, sample_weight = unpack_x_y_sample_weight(data)
     _, logits = self.compute_margin_loss(x, y, sample_weight, training=False)
-    return distribute.fix_logs(self.compute_metrics(x, y, logits, sample_weight))
+    return distribute.logs_for_reduction(self.compute_metrics(x, y, logits, sample_weight))
 
   def get_config(self):
     config = super().get_config()

@@ -1,0 +1,25 @@
+"""tf_large_margin: large-margin training of deep networks for Keras 3 / TensorFlow."""
+
+import setuptools
+
+setuptools.setup(
+    name="tf_large_margin",
+    version="0.1.0",
+    description=("Large-margin losses (Elsayed et al. 2018) and related margin methods "
+                 "for Keras 3 on TensorFlow."),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=setuptools.find_packages(include=["tf_large_margin", "tf_large_margin.*"]),
+    package_data={"tf_large_margin": ["data/*.gz", "data/README.md"]},
+    python_requires=">=3.10",
+    # Tested ranges: MarginModel's multi-worker workaround (distribute.py) relies on
+    # Keras 3 trainer internals checked with TF 2.21 / Keras 3.15.
+    install_requires=[
+        "tensorflow>=2.20,<2.22",
+        "keras>=3.12,<3.16",
+        "tensorflow-datasets>=4.9",
+        "numpy>=1.26",
+        "absl-py>=2.0",
+    ],
+    extras_require={"test": ["pytest>=8", "pytest-xdist>=3"]},
+)
