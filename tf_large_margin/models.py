@@ -20,44 +20,15 @@ INPUT = "input"
 SIZE = "size"
 
 
-@keras.saving.register_keras_serializable(package="tf_large_margin")
-class MarginModel(keras.Model):
-  """A Keras model trained with the large-margin loss at chosen layers (Eq. 10).
+class MarginTraining:
+  """Mixin with the margin training step; see `MarginModel`.
 
-  Compile it with a `tf_large_margin.LargeMarginLoss`: its hyper-parameters reach the
-  training step, which makes one forward pass returning the logits and the
-  activations h_l of ``margin_layers``, and minimises
-
-      mean_l margin(h_l) + cross_entropy_weight * crossentropy + sum(model.losses)
-
-  (margin as `tf_large_margin.large_margin`, per example, reduced with the loss's
-  Keras reduction and ``sample_weight``). The logs report ``loss``, ``margin`` and
-  ``xent`` besides the compiled metrics. Compiled with any other loss it trains as a
-  plain `keras.Model`.
-
-  Functional use:
-
-  >>> inputs = keras.Input((28, 28, 1))
-  >>> h = keras.layers.Conv2D(32, 5, name="conv0", activation="relu")(inputs)
-  >>> logits = keras.layers.Dense(10)(keras.layers.Flatten()(h))
-  >>> model = MarginModel(inputs, logits, margin_layers=["input", "conv0"])
-  >>> model.compile("sgd", loss=LargeMarginLoss(gamma=1., cross_entropy_weight=1.))
-
-  An existing functional or `Sequential` model: ``MarginModel.from_model(model,
-  margin_layers=[...])`` (the layers are shared, not copied).
-
-  A subclassed model (no layer graph) subclasses `MarginModel` and overrides
-  `margin_endpoints(x, training)` to return ``(logits, activations)``: the
-  activations of the names in ``margin_layers`` other than "input", in that order,
-  computed in the same forward pass as the logits.
-
-  Args:
-    margin_layers: names of layers whose outputs the margin is enforced at;
-      "input" is the model's (single) input. Default: ["input"].
-    layers_weights: None (all 1), "size" (each layer's number of elements per
-      example, as the original train.py passes for dist_norm=inf: the gradient norm
-      is divided by it) or a list of positive floats, one per margin layer.
-    *args, **kwargs: as `keras.Model` (e.g. ``inputs``, ``outputs``, ``name``).
+  For a subclassed model (no layer graph): ``class Net(MarginTraining,
+  keras.Model)`` overriding `margin_endpoints(x, training)` to return ``(logits,
+  activations)``, the activations of the names in ``margin_layers`` other than
+  "input", in that order, computed in the same forward pass as the logits.
+  (Subclass this mixin, not `MarginModel`: Keras rewrites the base classes of a
+  `keras.Model` subclass used functionally, as `MarginModel` is.)
   """
 
   def __init__(self, *args, margin_layers=(INPUT,), layers_weights=None, **kwargs):
@@ -75,23 +46,6 @@ class MarginModel(keras.Model):
     self._xent_tracker = keras.metrics.Mean(name="xent")
     if hasattr(self, "_nodes"):  # functional: resolve the names now.
       self._build_endpoints()
-
-  @classmethod
-  def from_model(cls, model, margin_layers=(INPUT,), layers_weights=None):
-    """Wraps a built functional or `Sequential` model, sharing its layers."""
-    try:
-      inputs, outputs = model.inputs, model.outputs
-    except (AttributeError, ValueError):
-      inputs = outputs = None
-    if not inputs or not outputs:
-      raise ValueError(
-          f"Model {model.name!r} has no layer graph: build it on a keras.Input (or "
-          "subclass MarginModel and override margin_endpoints()).")
-    if len(outputs) != 1:
-      raise ValueError(f"The model must have one output (the logits); "
-                       f"{model.name!r} has {len(outputs)}.")
-    return cls(inputs=inputs, outputs=outputs[0], margin_layers=margin_layers,
-               layers_weights=layers_weights, name=model.name)
 
   def _build_endpoints(self):
     """A functional model sharing this one's layers that also returns the margin
@@ -124,7 +78,10 @@ class MarginModel(keras.Model):
         self.inputs, [self.outputs[0]] + hidden, name=f"{self.name}_endpoints"))
 
   def margin_endpoints(self, x, training=False):
-    """One forward pass: ``(logits, [outputs of the margin layers but "input"])``."""
+    """One forward pass: ``(logits, [outputs of the margin layers but "input"])``.
+
+    Functional models get it from their layer graph; subclassed models override it.
+    """
     outputs = self._endpoints(x, training=training)
     return outputs[0], list(outputs[1:])
 
@@ -153,9 +110,13 @@ class MarginModel(keras.Model):
     hidden = iter(hidden)
     layers_list = [x if name == INPUT else next(hidden) for name in self.margin_layers]
     one_hot = one_hot_labels(y, logits.shape[-1])
-    margin_values, xent_values = loss_fn.per_example_parts(
-        one_hot, logits, layers_list=layers_list,
-        layers_weights=self._layers_weights(layers_list), tape=tape)
+    try:
+      margin_values, xent_values = loss_fn.per_example_parts(
+          one_hot, logits, layers_list=layers_list,
+          layers_weights=self._layers_weights(layers_list), tape=tape)
+    except ValueError as error:
+      raise ValueError(f"{error} layers_list is the margin_layers "
+                       f"{self.margin_layers}.") from error
 
     def reduce(values):
       return reduce_weighted_values(values, sample_weight=sample_weight,
@@ -208,3 +169,59 @@ class MarginModel(keras.Model):
     config.update(margin_layers=list(self.margin_layers),
                   layers_weights=self.layers_weights)
     return config
+
+
+@keras.saving.register_keras_serializable(package="tf_large_margin")
+class MarginModel(MarginTraining, keras.Model):
+  """A Keras model trained with the large-margin loss at chosen layers (Eq. 10).
+
+  Compile it with a `tf_large_margin.LargeMarginLoss`: its hyper-parameters reach the
+  training step, which makes one forward pass returning the logits and the
+  activations h_l of ``margin_layers``, and minimises
+
+      mean_l margin(h_l) + cross_entropy_weight * crossentropy + sum(model.losses)
+
+  (margin as `tf_large_margin.large_margin`, per example, reduced with the loss's
+  Keras reduction and ``sample_weight``). The logs report ``loss``, ``margin`` and
+  ``xent`` besides the compiled metrics. Compiled with any other loss it trains as a
+  plain `keras.Model`.
+
+  Functional use:
+
+  >>> inputs = keras.Input((28, 28, 1))
+  >>> h = keras.layers.Conv2D(32, 5, name="conv0", activation="relu")(inputs)
+  >>> logits = keras.layers.Dense(10)(keras.layers.Flatten()(h))
+  >>> model = MarginModel(inputs, logits, margin_layers=["input", "conv0"])
+  >>> model.compile("sgd", loss=LargeMarginLoss(gamma=1., cross_entropy_weight=1.))
+
+  An existing functional or `Sequential` model: ``MarginModel.from_model(model,
+  margin_layers=[...])`` (the layers are shared, not copied).
+
+  A subclassed model (no layer graph) uses the `MarginTraining` mixin instead:
+  ``class Net(MarginTraining, keras.Model)`` with `margin_endpoints` overridden.
+
+  Args:
+    margin_layers: names of layers whose outputs the margin is enforced at;
+      "input" is the model's (single) input. Default: ["input"].
+    layers_weights: None (all 1), "size" (each layer's number of elements per
+      example, as the original train.py passes for dist_norm=inf: the gradient norm
+      is divided by it) or a list of positive floats, one per margin layer.
+    *args, **kwargs: as `keras.Model` (e.g. ``inputs``, ``outputs``, ``name``).
+  """
+
+  @classmethod
+  def from_model(cls, model, margin_layers=(INPUT,), layers_weights=None):
+    """Wraps a built functional or `Sequential` model, sharing its layers."""
+    try:
+      inputs, outputs = model.inputs, model.outputs
+    except (AttributeError, ValueError):
+      inputs = outputs = None
+    if not inputs or not outputs:
+      raise ValueError(
+          f"Model {model.name!r} has no layer graph: build it on a keras.Input (or "
+          "use the MarginTraining mixin with margin_endpoints()).")
+    if len(outputs) != 1:
+      raise ValueError(f"The model must have one output (the logits); "
+                       f"{model.name!r} has {len(outputs)}.")
+    return cls(inputs=inputs, outputs=outputs[0], margin_layers=margin_layers,
+               layers_weights=layers_weights, name=model.name)
