@@ -82,8 +82,8 @@ class MarginTraining:
 
     Functional models get it from their layer graph; subclassed models override it.
     """
-    outputs = self._endpoints(x, training=training)
-    return outputs[0], list(outputs[1:])
+    logits, *hidden = tf.nest.flatten(self._endpoints(x, training=training))
+    return logits, hidden
 
   @property
   def margin_loss(self):

@@ -1,0 +1,52 @@
+"""Training with the margin loss widens the input-space margin (real MNIST sample)."""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import tf_large_margin as tlm
+from tf_large_margin import datasets
+from tf_large_margin import margin
+
+
+def flat(images):
+  return images.reshape(len(images), -1).astype("float32") / 255.
+
+
+def median_input_margin(model, x, y):
+  """Median first-order l2 distance to the boundary of correctly classified examples."""
+  x = tf.constant(x)
+  with tf.GradientTape() as tape:
+    tape.watch(x)
+    logits = model(x)
+  _, (distances,) = margin.margin_distances(
+      logits=logits, one_hot_labels=tf.one_hot(y, 10), layers_list=[x], dist_norm=2,
+      tape=tape)
+  correct = logits.numpy().argmax(axis=1) == y
+  return float(np.median(distances.numpy()[correct, 0])), float(correct.mean())
+
+
+def train(loss, x, y):
+  keras.utils.set_random_seed(0)
+  inputs = keras.Input((784,))
+  logits = keras.layers.Dense(10)(keras.layers.Dense(128, activation="relu")(inputs))
+  model = tlm.MarginModel(inputs, logits)  # margin at the input
+  model.compile(keras.optimizers.Adam(1e-3), loss=loss)
+  model.fit(x, y, batch_size=64, epochs=8, verbose=0)
+  return model
+
+
+def test_margin_training_widens_the_input_margin():
+  x_train, y_train, x_test, y_test = datasets.load_dataset("mnist")  # embedded sample
+  x_train, y_train = flat(x_train[:5000]), y_train[:5000]
+  x_test, y_test = flat(x_test[:1000]), y_test[:1000]
+  xent = train(keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+               x_train, y_train)
+  large_margin = train(tlm.LargeMarginLoss(gamma=4., dist_norm=2,
+                                           cross_entropy_weight=1.),
+                       x_train, y_train)
+  xent_margin, xent_accuracy = median_input_margin(xent, x_test, y_test)
+  margin_margin, margin_accuracy = median_input_margin(large_margin, x_test, y_test)
+  # Measured (seeds 0-2): xent 3.7-5.3, margin 6.3-9.0; accuracy about 0.90 for both.
+  assert margin_margin > 1.3 * xent_margin
+  assert margin_accuracy > xent_accuracy - 0.02
