@@ -48,7 +48,7 @@ def original_large_margin(logits, one_hot_labels, layers_list, layers_weights, *
         for i in range(top_k)], axis=1)
     distances = differences / (tf.stop_gradient(norms) + epsilon)
     losses.append(tf.reduce_mean(
-        margin.clipped_margin_loss(distances, gamma, alpha_factor)))
+        margin.distance_loss(distances, gamma, alpha_factor)))
   return tf.reduce_mean(losses)
 
 

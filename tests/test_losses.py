@@ -102,3 +102,67 @@ def test_bad_labels_and_top_k():
     tlm.LargeMarginLoss()(np.zeros((8, 3)), LOGITS)
   with pytest.raises(ValueError, match=r"top_k must be in \[1, num_classes=5\]"):
     tlm.LargeMarginLoss(top_k=6)(LABELS, LOGITS)
+
+
+class TestAggregation:
+  """Survey Eq. 6 options: shrinkage r, aggregation over T, T = correct examples."""
+
+  def per_example(self, **kwargs):
+    return tlm.LargeMarginLoss(reduction=None, **KWARGS, **kwargs)(LABELS, LOGITS).numpy()
+
+  def test_defaults_are_the_original(self):
+    np.testing.assert_array_equal(
+        self.per_example(shrinkage="clip", aggregation="mean", correct_only=False),
+        self.per_example())
+
+  def test_min_picks_the_smallest_margin(self):
+    losses = self.per_example()
+    value = tlm.LargeMarginLoss(aggregation="min", **KWARGS)(LABELS, LOGITS)
+    np.testing.assert_allclose(value.numpy(), losses.max(), rtol=1e-6)
+
+  def test_n_smallest_margins(self):
+    losses = self.per_example()
+    value = tlm.LargeMarginLoss(aggregation=3, **KWARGS)(LABELS, LOGITS)
+    np.testing.assert_allclose(value.numpy(), np.sort(losses)[-3:].mean(), rtol=1e-6)
+
+  def test_correct_only_ignores_misclassified(self):
+    losses = self.per_example()
+    correct = LOGITS.argmax(axis=1) == LABELS
+    assert 0 < correct.sum() < len(LABELS)
+    value = tlm.LargeMarginLoss(correct_only=True, **KWARGS)(LABELS, LOGITS)
+    np.testing.assert_allclose(value.numpy(), losses[correct].mean(), rtol=1e-6)
+    value = tlm.LargeMarginLoss(correct_only=True, aggregation="min", **KWARGS)(
+        LABELS, LOGITS)
+    np.testing.assert_allclose(value.numpy(), losses[correct].max(), rtol=1e-6)
+
+  def test_identity_shrinkage_is_minus_distance(self):
+    z = tf.constant(LOGITS)
+    probs = tf.nn.softmax(z)
+    diff, idx = margin.top_k_probability_differences(probs, tf.one_hot(LABELS, 5), 3)
+    grads = margin.probability_difference_cotangents(probs, tf.one_hot(LABELS, 5), idx)
+    norms = np.stack([np.abs(g.numpy()).max(axis=1) for g in grads], axis=1)  # linf
+    distances = diff.numpy() / (norms + 1e-8)
+    np.testing.assert_allclose(self.per_example(shrinkage="identity"),
+                               -distances.sum(axis=1), rtol=1e-5)
+
+  def test_callable_shrinkage_serialises(self):
+    loss = tlm.LargeMarginLoss(shrinkage=half_distance, **KWARGS)
+    restored = keras.losses.deserialize(keras.losses.serialize(loss))
+    assert restored.shrinkage is half_distance
+    np.testing.assert_allclose(
+        restored(LABELS, LOGITS).numpy(),
+        tlm.LargeMarginLoss(shrinkage="identity", **KWARGS)(LABELS, LOGITS).numpy() / 2,
+        rtol=1e-6)
+
+  @pytest.mark.parametrize("kwargs,match", [
+      (dict(aggregation="median"), "aggregation"), (dict(aggregation=0), "aggregation"),
+      (dict(shrinkage="tanh"), "shrinkage")])
+  def test_bad_options(self, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+      tlm.LargeMarginLoss(**kwargs)
+
+
+@keras.saving.register_keras_serializable(package="tf_large_margin_tests")
+def half_distance(distances, gamma, alpha_factor):
+  del gamma, alpha_factor
+  return distances / 2

@@ -59,6 +59,13 @@ class LargeMarginLoss(keras.losses.Loss):
       probabilities (e.g. after a softmax layer); their logarithm is used as the
       logits (softmax(log p) = p), so the margin is measured in log-probability
       space.
+    shrinkage: how distances become losses (survey Eq. 6's r; loss = -r(d)):
+      "clip" (the original, clip into [gamma (1 - alpha_factor), gamma]),
+      "identity" or a callable r(distances, gamma, alpha_factor) (register it with
+      `keras.saving.register_keras_serializable` to save the loss).
+    aggregation: over the batch, "mean" (the original), "min" (the smallest
+      margin) or an integer n (the mean over the n smallest margins).
+    correct_only: aggregate over correctly classified examples only.
     reduction, name, dtype: as `keras.losses.Loss`.
 
   Labels may be integers ([batch] or [batch, 1]) or one-hot ([batch, classes]).
@@ -66,7 +73,8 @@ class LargeMarginLoss(keras.losses.Loss):
 
   def __init__(self, gamma=10000., alpha_factor=2., top_k=1, dist_norm=2,
                epsilon=1e-8, use_approximation=True, worst_case_loss=True,
-               cross_entropy_weight=0., from_logits=True,
+               cross_entropy_weight=0., from_logits=True, shrinkage="clip",
+               aggregation="mean", correct_only=False,
                reduction="sum_over_batch_size", name="large_margin_loss",
                dtype=None):
     super().__init__(name=name, reduction=reduction, dtype=dtype)
@@ -87,14 +95,21 @@ class LargeMarginLoss(keras.losses.Loss):
     self.worst_case_loss = bool(worst_case_loss)
     self.cross_entropy_weight = float(cross_entropy_weight)
     self.from_logits = bool(from_logits)
+    if isinstance(shrinkage, dict):
+      shrinkage = keras.saving.deserialize_keras_object(shrinkage)
+    margin.get_shrinkage(shrinkage)
+    margin.check_aggregation(aggregation)
+    self.shrinkage = shrinkage
+    self.aggregation = aggregation
+    self.correct_only = bool(correct_only)
 
   @property
   def margin_kwargs(self):
-    """The keyword arguments of `tf_large_margin.large_margin` this loss carries."""
+    """The margin keyword arguments of `tf_large_margin.large_margin_per_example`."""
     return dict(gamma=self.gamma, alpha_factor=self.alpha_factor, top_k=self.top_k,
                 dist_norm=self.dist_norm, epsilon=self.epsilon,
                 use_approximation=self.use_approximation,
-                worst_case_loss=self.worst_case_loss)
+                worst_case_loss=self.worst_case_loss, shrinkage=self.shrinkage)
 
   def logits_and_labels(self, y_true, y_pred):
     """``(logits, one_hot)`` from what Keras passes to the loss."""
@@ -104,6 +119,9 @@ class LargeMarginLoss(keras.losses.Loss):
   def per_example_parts(self, one_hot, logits, layers_list=None, layers_weights=None,
                         tape=None):
     """``(margin, crossentropy)`` per example, both [batch].
+
+    The margin values carry the aggregation's per-example weights (all 1 for the
+    default mean over the batch).
 
     With ``layers_list`` None the margin is taken at the logits (analytic
     gradient); otherwise at the given layers, as `tf_large_margin.large_margin`
@@ -116,6 +134,12 @@ class LargeMarginLoss(keras.losses.Loss):
       margin_values = margin.large_margin_per_example(
           logits=logits, one_hot_labels=one_hot, layers_list=layers_list,
           layers_weights=layers_weights, tape=tape, **self.margin_kwargs)
+    if self.aggregation != "mean" or self.correct_only:
+      correct = None
+      if self.correct_only:
+        correct = tf.equal(tf.argmax(logits, axis=1), tf.argmax(one_hot, axis=1))
+      margin_values *= margin.aggregation_weights(margin_values, correct,
+                                                  self.aggregation)
     xent_values = tf.nn.softmax_cross_entropy_with_logits(
         labels=tf.cast(one_hot, margin_values.dtype),
         logits=tf.cast(logits, margin_values.dtype))
@@ -129,5 +153,8 @@ class LargeMarginLoss(keras.losses.Loss):
   def get_config(self):
     config = super().get_config()
     config.update(self.margin_kwargs, cross_entropy_weight=self.cross_entropy_weight,
-                  from_logits=self.from_logits)
+                  from_logits=self.from_logits, aggregation=self.aggregation,
+                  correct_only=self.correct_only)
+    if callable(self.shrinkage):
+      config["shrinkage"] = keras.saving.serialize_keras_object(self.shrinkage)
     return config

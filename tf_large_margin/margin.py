@@ -103,27 +103,105 @@ def _maximum_with_relu(a, b):
   return a + tf.nn.relu(b - a)
 
 
-def clipped_margin_loss(distances, gamma=10000., alpha_factor=2.,
-                        worst_case_loss=True):
-  """Per-example hinge on the distances, clipped into [gamma (1 - alpha), gamma].
+def clip_shrinkage(distances, gamma, alpha_factor):
+  """The original's shrinkage r(d) = clip(d, gamma * (1 - alpha_factor), gamma).
+
+  Returned as the loss -r(d) = relu(gamma - max(d, gamma (1 - alpha))) - gamma,
+  written as the original does (the same value and gradient at the clip points).
+  """
+  lower = gamma * (1. - alpha_factor)
+  loss = _maximum_with_relu(distances, lower)
+  return -(_maximum_with_relu(0., gamma - loss) - gamma)
+
+
+def identity_shrinkage(distances, gamma, alpha_factor):
+  """r(d) = d: the distances themselves are maximised, unclipped."""
+  del gamma, alpha_factor
+  return distances
+
+
+SHRINKAGES = {"clip": clip_shrinkage, "identity": identity_shrinkage}
+
+
+def get_shrinkage(shrinkage):
+  """A shrinkage r(distances, gamma, alpha_factor) from its name or a callable."""
+  if callable(shrinkage):
+    return shrinkage
+  try:
+    return SHRINKAGES[shrinkage]
+  except (KeyError, TypeError):
+    raise ValueError(f"shrinkage must be one of {sorted(SHRINKAGES)} or a callable "
+                     f"r(distances, gamma, alpha_factor); got {shrinkage!r}.") from None
+
+
+def distance_loss(distances, gamma=10000., alpha_factor=2., worst_case_loss=True,
+                  shrinkage="clip"):
+  """Per-example loss -sum_j r(d_j) of the distances; the original's by default.
 
       loss = sum_j relu(gamma - max(d_j, gamma * (1 - alpha_factor))) - gamma
+
+  (r = clip into [gamma (1 - alpha_factor), gamma], survey Eq. 6's shrinkage).
 
   Args:
     distances: [batch, k] signed distances to the boundaries.
     gamma: the desired margin.
     alpha_factor: distances below gamma * (1 - alpha_factor) are clipped.
     worst_case_loss: if True, only the smallest distance of each example counts.
+    shrinkage: "clip" (the original), "identity" or a callable
+      r(distances, gamma, alpha_factor) -> shrunk distances of the same shape.
 
   Returns:
     A [batch] tensor.
   """
   if worst_case_loss:
     distances = tf.reduce_min(distances, axis=1, keepdims=True)
-  lower = gamma * (1. - alpha_factor)
-  loss = _maximum_with_relu(distances, lower)
-  loss = _maximum_with_relu(0., gamma - loss) - gamma
-  return tf.reduce_sum(loss, axis=1)
+  return -tf.reduce_sum(get_shrinkage(shrinkage)(distances, gamma, alpha_factor),
+                        axis=1)
+
+
+AGGREGATIONS = ("mean", "min")
+
+
+def check_aggregation(aggregation):
+  """Raises ValueError unless ``aggregation`` is "mean", "min" or an integer >= 1."""
+  if isinstance(aggregation, str):
+    valid = aggregation in AGGREGATIONS
+  else:
+    valid = (isinstance(aggregation, (int, np.integer)) and
+             not isinstance(aggregation, bool) and aggregation >= 1)
+  if not valid:
+    raise ValueError(f"aggregation must be one of {AGGREGATIONS} or an integer >= 1; "
+                     f"got {aggregation!r}.")
+
+
+def aggregation_weights(per_example_loss, correct=None, aggregation="mean"):
+  """Per-example weights that turn the batch mean into another aggregation.
+
+  The batch mean of ``weights * per_example_loss`` is, per survey Eq. 6's choices
+  of how margins are aggregated over the set T of examples:
+    - "mean": the mean over T (the original, with T = the batch);
+    - "min": the loss at the smallest margin in T (the largest loss);
+    - an integer n: the mean over the n smallest margins in T (largest losses).
+  With ``correct`` (a [batch] bool mask), T is restricted to correctly classified
+  examples. The weights carry no gradient.
+  """
+  check_aggregation(aggregation)
+  per_example_loss = tf.stop_gradient(per_example_loss)
+  batch = tf.shape(per_example_loss)[0]
+  in_set = (tf.ones_like(per_example_loss, tf.bool) if correct is None
+            else tf.cast(correct, tf.bool))
+  if aggregation == "mean":
+    chosen = tf.cast(in_set, per_example_loss.dtype)
+  else:
+    count = 1 if aggregation == "min" else aggregation
+    count = tf.minimum(count, tf.reduce_sum(tf.cast(in_set, tf.int32)))
+    ranked = tf.where(in_set, per_example_loss,
+                      tf.fill(tf.shape(per_example_loss), -np.inf))
+    _, top = tf.math.top_k(ranked, k=count)
+    chosen = tf.scatter_nd(top[:, None], tf.ones([count], per_example_loss.dtype),
+                           [batch])
+  size = tf.reduce_sum(chosen)
+  return tf.math.divide_no_nan(chosen * tf.cast(batch, chosen.dtype), size)
 
 
 def _check_hyperparameters(top_k, num_classes, dist_norm, num_layers,
@@ -268,16 +346,17 @@ def margin_distances(*, logits, one_hot_labels, layers_list, top_k=1, dist_norm=
 def large_margin_per_example(*, logits, one_hot_labels, layers_list, gamma=10000.,
                              alpha_factor=2., top_k=1, dist_norm=2, epsilon=1e-8,
                              use_approximation=True, worst_case_loss=True,
-                             layers_weights=None, tape=None):
+                             layers_weights=None, tape=None, shrinkage="clip"):
   """Eq. 10 per example, averaged over layers: a [batch] tensor.
 
-  Its batch mean is `large_margin`; see there for the arguments.
+  Its batch mean is `large_margin`; see there for the arguments, and
+  `distance_loss` for ``shrinkage``.
   """
   _, distances = margin_distances(
       logits=logits, one_hot_labels=one_hot_labels, layers_list=layers_list,
       top_k=top_k, dist_norm=dist_norm, epsilon=epsilon,
       use_approximation=use_approximation, layers_weights=layers_weights, tape=tape)
-  losses = [clipped_margin_loss(d, gamma, alpha_factor, worst_case_loss)
+  losses = [distance_loss(d, gamma, alpha_factor, worst_case_loss, shrinkage)
             for d in distances]
   return tf.add_n(losses) / len(losses)
 
@@ -344,7 +423,8 @@ def large_margin(*, logits, one_hot_labels, layers_list, gamma=10000.,
 
 def logit_margin_per_example(*, logits, one_hot_labels, gamma=10000.,
                              alpha_factor=2., top_k=1, dist_norm=2, epsilon=1e-8,
-                             use_approximation=True, worst_case_loss=True):
+                             use_approximation=True, worst_case_loss=True,
+                             shrinkage="clip"):
   """Eq. 10 at the logits only, per example, with no tape: a [batch] tensor.
 
   The gradient of p_y - p_j w.r.t. the logits is the analytic softmax cotangent
@@ -358,4 +438,4 @@ def logit_margin_per_example(*, logits, one_hot_labels, gamma=10000.,
   cotangents = probability_difference_cotangents(probs, one_hot_labels, indices)
   distances = _distances(differences, cotangents, dual_norm(dist_norm), 1., epsilon,
                          use_approximation)
-  return clipped_margin_loss(distances, gamma, alpha_factor, worst_case_loss)
+  return distance_loss(distances, gamma, alpha_factor, worst_case_loss, shrinkage)
