@@ -1,0 +1,368 @@
+"""Adversarial attacks and input noise for any Keras model that returns logits.
+
+All attacks maximise the softmax cross-entropy L(x, y) of the model's logits within a
+norm ball of radius ``epsilon`` (in the input's units) around the clean input x, and
+keep the result inside the data range [clip_min, clip_max]:
+
+* FGSM (Goodfellow et al., "Explaining and Harnessing Adversarial Examples", ICLR 2015):
+  x' = clip(x + epsilon * sign(grad_x L)).
+* Iterative FGSM / BIM (Kurakin et al., "Adversarial examples in the physical world",
+  2016): FGSM steps of size alpha, each followed by a projection onto the l_inf ball.
+* PGD (Madry et al., "Towards Deep Learning Models Resistant to Adversarial Attacks",
+  ICLR 2018), l_inf or l_2: a random start in the ball, then steepest-ascent steps of
+  size alpha (sign(g) for l_inf, g / ||g||_2 for l_2), each projected onto the ball and
+  the data range.
+* Gaussian noise: x' = clip(x + sigma * n), n ~ N(0, I).
+
+The iterative attacks stop updating an example once the model misclassifies it, so on
+a fixed model and start the success of an attack never decreases with more steps.
+
+The batch functions (`fgsm`, `iterative_fgsm`, `pgd`, `gaussian_noise`) validate their
+arguments and run a `tf.function` compiled once per model; `robust_accuracy` runs one
+of them over a data set. Labels are integer class indices of shape [batch].
+"""
+
+import math
+
+import numpy as np
+import tensorflow as tf
+
+from tf_large_margin import margin
+
+ATTACK_NORMS = (2, np.inf)
+DEFAULT_SEED = (0, 0)
+
+
+# ---------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------
+
+
+def check_nonnegative(name, value):
+  """Returns ``value`` as a float after checking it is finite and >= 0."""
+  try:
+    value = float(value)
+  except (TypeError, ValueError):
+    raise ValueError(f"{name} must be a number; got {value!r}.") from None
+  if not math.isfinite(value) or value < 0:
+    raise ValueError(f"{name} must be finite and >= 0; got {value}.")
+  return value
+
+
+def check_steps(steps):
+  """Returns ``steps`` after checking it is an integer >= 1."""
+  if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+    raise ValueError(f"steps must be an integer >= 1; got {steps!r}.")
+  return int(steps)
+
+
+def check_attack_norm(norm):
+  """Returns ``norm`` after checking it is 2 or np.inf (the attacks' balls)."""
+  if norm not in ATTACK_NORMS:
+    raise ValueError(f"norm must be 2 or np.inf; got {norm!r}.")
+  return norm
+
+
+def check_data_range(x, clip_min, clip_max):
+  """Checks clip_min < clip_max and that ``x`` lies in [clip_min, clip_max]."""
+  if not clip_min < clip_max:
+    raise ValueError(f"clip_min must be < clip_max; got [{clip_min}, {clip_max}].")
+  low, high = float(tf.reduce_min(x)), float(tf.reduce_max(x))
+  if low < clip_min or high > clip_max:
+    raise ValueError(
+        f"x must lie in the data range [clip_min, clip_max] = [{clip_min}, "
+        f"{clip_max}]; its values span [{low}, {high}].")
+
+
+def check_logits_and_labels(model, x, labels):
+  """Validates the model's output on ``x`` and the labels; returns int32 labels.
+
+  The model must map a [batch, ...] input to [batch, classes] float logits, and the
+  labels must be integers in [0, classes) of shape [batch]. One example is run
+  through the model to learn its number of classes.
+  """
+  x = tf.convert_to_tensor(x)
+  if x.shape.rank is None or x.shape.rank < 1 or x.shape[0] == 0:
+    raise ValueError(f"x must be a non-empty batch [batch, ...]; got shape {x.shape}.")
+  logits = model(x[:1], training=False)
+  if not tf.is_tensor(logits) or logits.shape.rank != 2 or logits.shape[0] != 1:
+    shape = getattr(logits, "shape", type(logits).__name__)
+    raise ValueError(
+        "The model must return logits of shape [batch, classes]; on a batch of one "
+        f"example it returned {shape}.")
+  if not logits.dtype.is_floating:
+    raise ValueError(f"The model must return float logits; got {logits.dtype.name}.")
+  labels = np.asarray(labels)
+  if not np.issubdtype(labels.dtype, np.integer):
+    raise ValueError(f"labels must be integer class indices; got dtype {labels.dtype}.")
+  if labels.shape != (x.shape[0],):
+    raise ValueError(
+        f"labels must have shape [batch] = ({x.shape[0]},); got {labels.shape}.")
+  num_classes = logits.shape[1]
+  bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+  if bad.size:
+    raise ValueError(
+        f"labels must be in [0, {num_classes}) (the model's classes); labels[{bad[0]}] "
+        f"= {labels[bad[0]]}.")
+  return tf.constant(labels, tf.int32)
+
+
+def _validated(model, x, labels, clip_min, clip_max):
+  """Common checks of the batch functions: ``(x as float tensor, int32 labels)``."""
+  x = tf.convert_to_tensor(x)
+  if not x.dtype.is_floating:
+    raise ValueError(f"x must be a float tensor; got dtype {x.dtype.name}.")
+  labels = check_logits_and_labels(model, x, labels)
+  check_data_range(x, clip_min, clip_max)
+  return x, labels
+
+
+# ---------------------------------------------------------------------------
+# Building blocks (graph code, no validation)
+# ---------------------------------------------------------------------------
+
+
+def _expand(per_example, x):
+  """Reshapes a [batch] tensor to broadcast against ``x`` [batch, ...]."""
+  return tf.reshape(per_example, [-1] + [1] * (x.shape.rank - 1))
+
+
+def loss_gradient(model, x, labels):
+  """``(logits, grad_x L)`` with L the per-example softmax cross-entropy.
+
+  The model runs in inference mode; examples do not interact, so the gradient of the
+  summed loss is each example's own gradient.
+  """
+  with tf.GradientTape() as tape:
+    tape.watch(x)
+    logits = model(x, training=False)
+    loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
+  return logits, tape.gradient(loss, x)
+
+
+def steepest_ascent_direction(gradient, norm):
+  """argmax_{||v||_p <= 1} <g, v>: sign(g) for l_inf, g / ||g||_2 for l_2 (0 if g = 0)."""
+  if norm == np.inf:
+    return tf.sign(gradient)
+  return tf.math.divide_no_nan(gradient, _expand(margin.flat_norm(gradient, 2), gradient))
+
+
+def project_to_ball(delta, epsilon, norm):
+  """Euclidean projection of each example of ``delta`` onto {||d||_p <= epsilon}.
+
+  l_inf: clip each coordinate to [-epsilon, epsilon]; l_2: delta * min(1, epsilon /
+  ||delta||_2).
+  """
+  if norm == np.inf:
+    return tf.clip_by_value(delta, -epsilon, epsilon)
+  norms = _expand(margin.flat_norm(delta, 2), delta)
+  return delta * tf.minimum(1., epsilon / tf.maximum(norms, 1e-12))
+
+
+def random_ball_point(x, epsilon, norm, seed):
+  """A point drawn uniformly from the l_p ball of radius epsilon (stateless ``seed``).
+
+  l_2: a Gaussian direction scaled to radius epsilon * u^(1/d), u ~ U(0, 1), d the
+  input dimension.
+  """
+  if norm == np.inf:
+    return tf.random.stateless_uniform(tf.shape(x), seed, -epsilon, epsilon, x.dtype)
+  direction = tf.random.stateless_normal(tf.shape(x), seed, dtype=x.dtype)
+  direction = steepest_ascent_direction(direction, 2)
+  dimension = tf.cast(tf.reduce_prod(tf.shape(x)[1:]), x.dtype)
+  u = tf.random.stateless_uniform(tf.shape(x)[:1], seed + 1, dtype=x.dtype)
+  return direction * _expand(epsilon * u ** (1. / dimension), x)
+
+
+def misclassified(logits, labels):
+  """[batch] bool: argmax(logits) != label."""
+  return tf.not_equal(tf.argmax(logits, axis=1, output_type=tf.int32), labels)
+
+
+@tf.function(reduce_retracing=True)
+def fgsm_graph(model, x, labels, epsilon, clip_min, clip_max):
+  """FGSM without validation (usable inside a training step)."""
+  _, gradient = loss_gradient(model, x, labels)
+  return tf.clip_by_value(x + epsilon * tf.sign(gradient), clip_min, clip_max)
+
+
+@tf.function(reduce_retracing=True)
+def pgd_graph(model, x, labels, epsilon, step_size, steps, norm, use_random_start,
+              seed, clip_min, clip_max):
+  """PGD without validation (usable inside a training step).
+
+  x_0 = clip(x + random start) (or x), then for t < steps, for the examples the model
+  still classifies correctly: x_{t+1} = clip(x + P_eps(x_t + alpha d_t - x)), with
+  d_t the steepest-ascent direction of the loss and P_eps the projection onto the
+  ball. Clipping to the range after the projection keeps the point in the ball.
+  """
+  x_adv = x
+  if use_random_start:
+    x_adv = tf.clip_by_value(x + random_ball_point(x, epsilon, norm, seed), clip_min,
+                             clip_max)
+  for _ in tf.range(steps):
+    logits, gradient = loss_gradient(model, x_adv, labels)
+    active = _expand(tf.logical_not(misclassified(logits, labels)), x)
+    step = x_adv + step_size * steepest_ascent_direction(gradient, norm)
+    stepped = tf.clip_by_value(x + project_to_ball(step - x, epsilon, norm), clip_min,
+                               clip_max)
+    x_adv = tf.where(active, stepped, x_adv)
+  return x_adv
+
+
+# ---------------------------------------------------------------------------
+# Batch attacks
+# ---------------------------------------------------------------------------
+
+
+def fgsm(model, x, labels, epsilon, clip_min=0., clip_max=1.):
+  """Fast gradient sign method: x' = clip(x + epsilon * sign(grad_x L(x, y))).
+
+  Goodfellow et al. 2015. On a model whose loss is linear in x inside the ball this is
+  the exact maximiser of the loss under ||x' - x||_inf <= epsilon.
+
+  Args:
+    model: a Keras model (or callable ``model(x, training=False)``) returning
+      [batch, classes] logits.
+    x: [batch, ...] float inputs inside [clip_min, clip_max].
+    labels: [batch] integer labels.
+    epsilon: l_inf radius, >= 0, in the input's units.
+    clip_min, clip_max: the data range (default [0, 1]).
+
+  Returns:
+    The adversarial inputs, same shape and dtype as ``x``.
+  """
+  epsilon = check_nonnegative("epsilon", epsilon)
+  x, labels = _validated(model, x, labels, clip_min, clip_max)
+  return fgsm_graph(model, x, labels, tf.constant(epsilon, x.dtype),
+                    tf.constant(clip_min, x.dtype), tf.constant(clip_max, x.dtype))
+
+
+def default_step_size(epsilon, steps):
+  """alpha = 2.5 * epsilon / steps (Madry et al. 2018): the steps can cross the ball."""
+  return 2.5 * epsilon / steps
+
+
+def pgd(model, x, labels, epsilon, norm=np.inf, steps=10, step_size=None,
+        random_start=True, seed=DEFAULT_SEED, clip_min=0., clip_max=1.):
+  """Projected gradient descent on the loss in the l_inf or l_2 ball (Madry et al. 2018).
+
+      x_0 = clip(x + u), u uniform in the ball (``random_start``) or 0
+      x_{t+1} = clip(x + P_eps(x_t + alpha * d_t - x)),
+      d_t = sign(g_t) (l_inf) or g_t / ||g_t||_2 (l_2), g_t = grad_x L(x_t, y)
+
+  An example is not updated any more once misclassified, so success never decreases
+  with ``steps`` for a fixed ``step_size`` and ``seed``.
+
+  Args:
+    model: a Keras model returning [batch, classes] logits.
+    x: [batch, ...] float inputs inside [clip_min, clip_max].
+    labels: [batch] integer labels.
+    epsilon: radius of the ball, >= 0, in the input's units.
+    norm: 2 or np.inf.
+    steps: number of gradient steps, >= 1.
+    step_size: alpha, >= 0; default 2.5 * epsilon / steps.
+    random_start: start from a uniform random point of the ball.
+    seed: a pair of integers, the stateless seed of the random start.
+    clip_min, clip_max: the data range.
+
+  Returns:
+    The adversarial inputs: ||x' - x||_p <= epsilon and x' in [clip_min, clip_max].
+  """
+  epsilon = check_nonnegative("epsilon", epsilon)
+  check_attack_norm(norm)
+  steps = check_steps(steps)
+  step_size = check_nonnegative(
+      "step_size", default_step_size(epsilon, steps) if step_size is None else step_size)
+  x, labels = _validated(model, x, labels, clip_min, clip_max)
+  return pgd_graph(model, x, labels, tf.constant(epsilon, x.dtype),
+                   tf.constant(step_size, x.dtype), tf.constant(steps), norm,
+                   bool(random_start), tf.constant(seed, tf.int32, shape=[2]),
+                   tf.constant(clip_min, x.dtype), tf.constant(clip_max, x.dtype))
+
+
+def iterative_fgsm(model, x, labels, epsilon, steps=10, step_size=None, clip_min=0.,
+                   clip_max=1.):
+  """Iterative FGSM / BIM (Kurakin et al. 2016): l_inf PGD from x, no random start.
+
+      x_0 = x,  x_{t+1} = clip(x + clip_eps(x_t + alpha * sign(grad_x L(x_t, y)) - x))
+
+  Arguments as `pgd` (step_size default 2.5 * epsilon / steps).
+  """
+  return pgd(model, x, labels, epsilon, norm=np.inf, steps=steps, step_size=step_size,
+             random_start=False, clip_min=clip_min, clip_max=clip_max)
+
+
+def gaussian_noise(x, sigma, seed=DEFAULT_SEED, clip_min=0., clip_max=1.):
+  """x' = clip(x + sigma * n), n ~ N(0, I) drawn with the stateless ``seed``.
+
+  Args:
+    x: [batch, ...] float inputs inside [clip_min, clip_max].
+    sigma: standard deviation, >= 0, in the input's units.
+    seed: a pair of integers.
+    clip_min, clip_max: the data range.
+  """
+  sigma = check_nonnegative("sigma", sigma)
+  x = tf.convert_to_tensor(x)
+  check_data_range(x, clip_min, clip_max)
+  noise = tf.random.stateless_normal(tf.shape(x), tf.constant(seed, tf.int32, [2]),
+                                     dtype=x.dtype)
+  return tf.clip_by_value(x + sigma * noise, clip_min, clip_max)
+
+
+# ---------------------------------------------------------------------------
+# Data sets
+# ---------------------------------------------------------------------------
+
+ATTACKS = {"fgsm": fgsm, "iterative_fgsm": iterative_fgsm, "pgd": pgd}
+
+
+def perturb(attack, model, x, labels, seed, **kwargs):
+  """Applies ``attack`` ("clean", "gaussian" or a name of `ATTACKS`) to one batch.
+
+  ``kwargs`` are the attack's (``epsilon`` for the attacks, ``sigma`` for "gaussian").
+  """
+  if attack == "clean":
+    if kwargs:
+      raise ValueError(f"The clean data take no attack arguments; got {sorted(kwargs)}.")
+    return tf.convert_to_tensor(x)
+  if attack == "gaussian":
+    return gaussian_noise(x, seed=seed, **kwargs)
+  if attack not in ATTACKS:
+    raise ValueError(
+        f"Unknown attack {attack!r}; expected 'clean', 'gaussian' or one of "
+        f"{sorted(ATTACKS)}.")
+  if attack == "pgd":
+    kwargs.setdefault("seed", seed)
+  return ATTACKS[attack](model, x, labels, **kwargs)
+
+
+def robust_accuracy(model, dataset, attack="clean", source_model=None, seed=0,
+                    **kwargs):
+  """Accuracy of ``model`` on ``dataset`` perturbed by ``attack``.
+
+  White-box by default; with ``source_model`` the adversarial examples are crafted on
+  that model and transferred to ``model`` (black-box, as Elsayed et al. 2018 with a
+  cross-entropy source model).
+
+  Args:
+    model: a Keras model returning logits.
+    dataset: an iterable of ``(x, labels)`` batches (e.g. a `tf.data.Dataset`).
+    attack: "clean", "gaussian", "fgsm", "iterative_fgsm" or "pgd".
+    source_model: the model the attack's gradients are taken on (default ``model``).
+    seed: integer; batch i uses the stateless seed (seed, i) for its randomness.
+    **kwargs: the attack's arguments (``epsilon``, ``sigma``, ``steps``, ...).
+
+  Returns:
+    The fraction of examples classified correctly, a float.
+  """
+  source_model = model if source_model is None else source_model
+  correct = total = 0
+  for i, (x, labels) in enumerate(dataset):
+    x_attacked = perturb(attack, source_model, x, labels, (seed, i), **kwargs)
+    predictions = np.argmax(model(x_attacked, training=False), axis=1)
+    correct += int(np.sum(predictions == np.asarray(labels)))
+    total += len(predictions)
+  if total == 0:
+    raise ValueError("dataset is empty.")
+  return correct / total
