@@ -156,7 +156,7 @@ class TwoOutputs(keras.layers.Layer):
 
 @pytest.mark.parametrize("make,match", [
     (lambda i, o: tlm.MarginModel(i, o, margin_layers=["nope"]),
-     r"Unknown margin layer 'nope'.*'conv0'"),
+     r"Unknown layer 'nope'.*'conv0'"),
     (lambda i, o: tlm.MarginModel(i, o, margin_layers=[]), "margin_layers is empty"),
     (lambda i, o: tlm.MarginModel(i, o, margin_layers=["input", "fc"],
                                   layers_weights=[1.]),

@@ -20,7 +20,36 @@ INPUT = "input"
 SIZE = "size"
 
 
-class MarginTraining:
+def layer_outputs_model(model, names):
+  """A functional model sharing ``model``'s layers that returns its single output
+  (the logits) followed by the outputs of the layers ``names``.
+
+  Raises ValueError for several model outputs, an unknown name, a layer called
+  several times (ambiguous output) or a layer with several outputs.
+  """
+  if len(model.outputs) != 1:
+    raise ValueError(f"The model needs one output (the logits); got "
+                     f"{len(model.outputs)}.")
+  outputs = []
+  for name in names:
+    try:
+      layer = model.get_layer(name)
+    except ValueError:
+      known = ", ".join(repr(l.name) for l in model.layers)
+      raise ValueError(f"Unknown layer {name!r}: the model's layers are {known} "
+                       "(or 'input').") from None
+    if len(layer._inbound_nodes) != 1:  # pylint: disable=protected-access
+      raise ValueError(f"Layer {name!r} is called several times in the model, so "
+                       "its output is ambiguous.")
+    if not keras.backend.is_keras_tensor(layer.output):
+      raise ValueError(f"Layer {name!r} has several outputs; one tensor per layer "
+                       "is needed.")
+    outputs.append(layer.output)
+  return keras.Model(model.inputs, [model.outputs[0]] + outputs,
+                     name=f"{model.name}_endpoints")
+
+
+class MarginTraining(distribute.MultiWorkerFit):
   """Mixin with the margin training step; see `MarginModel`.
 
   For a subclassed model (no layer graph): ``class Net(MarginTraining,
@@ -48,34 +77,12 @@ class MarginTraining:
       self._build_endpoints()
 
   def _build_endpoints(self):
-    """A functional model sharing this one's layers that also returns the margin
-    layers' outputs (kept out of Keras' layer tracking)."""
-    if len(self.outputs) != 1:
-      raise ValueError(f"MarginModel needs one output (the logits); got "
-                       f"{len(self.outputs)}.")
+    """The logits and margin layers' outputs in one call (untracked by Keras)."""
     if INPUT in self.margin_layers and len(self.inputs) != 1:
       raise ValueError(f"'input' is ambiguous for a model with {len(self.inputs)} "
                        "inputs.")
-    hidden = []
-    for name in self.margin_layers:
-      if name == INPUT:
-        continue
-      try:
-        layer = self.get_layer(name)
-      except ValueError:
-        known = ", ".join(repr(l.name) for l in self.layers)
-        raise ValueError(
-            f"Unknown margin layer {name!r}: the model's layers are {known} "
-            "(or 'input').") from None
-      if len(layer._inbound_nodes) != 1:  # pylint: disable=protected-access
-        raise ValueError(f"Margin layer {name!r} is called several times in the model, "
-                         "so its output is ambiguous.")
-      if not keras.backend.is_keras_tensor(layer.output):
-        raise ValueError(f"Margin layer {name!r} has several outputs; the margin "
-                         "needs one tensor per layer.")
-      hidden.append(layer.output)
-    object.__setattr__(self, "_endpoints", keras.Model(
-        self.inputs, [self.outputs[0]] + hidden, name=f"{self.name}_endpoints"))
+    names = [name for name in self.margin_layers if name != INPUT]
+    object.__setattr__(self, "_endpoints", layer_outputs_model(self, names))
 
   def margin_endpoints(self, x, training=False):
     """One forward pass: ``(logits, [outputs of the margin layers but "input"])``.
@@ -134,17 +141,6 @@ class MarginTraining:
     self._xent_tracker.update_state(unscale_loss_for_distribution(xent_loss),
                                     sample_weight=batch_size)
     return total, logits
-
-  def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-    # Multi-worker workaround (see tf_large_margin/distribute.py): build from the
-    # local replica's first batch instead of a cross-worker reduction of it.
-    if iterator is not None and self._distribute_strategy is not None:
-      for _, _, batches in iterator:
-        with self._distribute_strategy.scope():
-          data_batch = distribute.local_batch(next(batches))
-        break
-      iterator = None
-    super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
   def train_step(self, data):
     if self.margin_loss is None:

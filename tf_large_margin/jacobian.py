@@ -1,0 +1,167 @@
+"""Jacobian margin regulariser of Sokolic et al. (Eq. 26).
+
+Sokolic, Giryes, Sapiro, Rodrigues, "Robust Large Margin Deep Neural Networks",
+IEEE Trans. Signal Processing 2017. For a network f(x) = V^T phi(x) whose last layer
+is linear with class rows v_c, the input-space margin is bounded below through the
+Jacobian J(x) = d phi(x) / dx of the feature map. The regulariser penalises
+
+    R = (lambda / N) sum_i || (v_i / ||v_i||_2)^T J(x_i) ||_2
+
+with v_i either a row of V drawn at random per example ("random") or every row in
+turn, summed ("all"). Each term is one vector-Jacobian product per example and
+class direction (no full Jacobians). The paper also penalises the classifier
+matrix, mu ||V||_F^2.
+"""
+
+import keras
+import tensorflow as tf
+from keras.src.losses.loss import scale_loss_for_distribution
+from keras.src.losses.loss import unscale_loss_for_distribution
+from keras.src.trainers.data_adapters.data_adapter_utils import (
+    unpack_x_y_sample_weight)
+
+from tf_large_margin import distribute
+from tf_large_margin.models import layer_outputs_model
+
+VARIANTS = ("random", "all")
+
+
+def jacobian_penalty(inputs, features, classifier_kernel, tape, class_indices=None):
+  """sum_i || (v / ||v||_2)^T J(x_i) ||_2 over the batch, J = d features / d inputs.
+
+  Args:
+    inputs: [batch, ...] tensor watched by ``tape``.
+    features: [batch, F] feature map recorded by ``tape`` from ``inputs``.
+    classifier_kernel: [F, classes] kernel of the linear classifier (rows v_c are
+      its columns).
+    tape: the `tf.GradientTape` that recorded ``features`` (persistent for
+      ``class_indices=None``). For the penalty's gradient w.r.t. the weights, call
+      this while an outer tape records.
+    class_indices: [batch] int class per example ("random" variant), or None to
+      sum over all classes ("all" variant).
+
+  Returns:
+    A scalar: the sum over the batch (and classes).
+  """
+  kernel = tf.cast(classifier_kernel, features.dtype)
+  directions = tf.transpose(kernel / tf.norm(kernel, axis=0, keepdims=True))  # [C, F]
+  if class_indices is None:
+    cotangents = [tf.broadcast_to(direction, tf.shape(features))
+                  for direction in tf.unstack(directions)]
+  else:
+    cotangents = [tf.gather(directions, class_indices)]
+  total = 0.
+  for cotangent in cotangents:
+    rows = tape.gradient(features, inputs, output_gradients=cotangent)
+    if rows is None:
+      raise ValueError("The features do not depend on the inputs (gradient None): "
+                       "the tape must watch the inputs and record the features.")
+    total += tf.reduce_sum(tf.norm(tf.reshape(rows, [tf.shape(rows)[0], -1]), axis=1))
+  return total
+
+
+@keras.saving.register_keras_serializable(package="tf_large_margin")
+class JacobianModel(distribute.MultiWorkerFit, keras.Model):
+  """A functional model trained with the Jacobian regulariser of Sokolic et al.
+
+  The step minimises the compiled loss (multi-class hinge as the paper, or
+  cross-entropy) plus ``(jacobian_weight / batch) * jacobian_penalty`` plus
+  ``classifier_weight * ||V||_F^2``; the logs report ``jacobian``.
+
+  >>> inputs = keras.Input((28, 28, 1))
+  >>> h = keras.layers.Flatten()(keras.layers.Conv2D(8, 5, activation="relu")(inputs))
+  >>> logits = keras.layers.Dense(10)(keras.layers.Dense(32, name="features")(h))
+  >>> model = JacobianModel(inputs, logits, feature_layer="features",
+  ...                       jacobian_weight=0.1)
+
+  Args:
+    feature_layer: name of the layer whose output phi(x) feeds the classifier.
+    jacobian_weight: lambda (divided by the batch size, as the paper).
+    variant: "random" (one random class row per example) or "all" (sum over rows).
+    classifier_weight: mu of the classifier matrix penalty mu ||V||_F^2.
+    seed: seed of the random class draws.
+    *args, **kwargs: as `keras.Model` (``inputs``, ``outputs``, ``name``). The
+      output layer must be a `keras.layers.Dense` applied to the features.
+  """
+
+  def __init__(self, *args, feature_layer, jacobian_weight=0.1, variant="random",
+               classifier_weight=0., seed=None, **kwargs):
+    super().__init__(*args, **kwargs)
+    if variant not in VARIANTS:
+      raise ValueError(f"variant must be one of {VARIANTS}; got {variant!r}.")
+    for name, value in (("jacobian_weight", jacobian_weight),
+                        ("classifier_weight", classifier_weight)):
+      if not value >= 0:
+        raise ValueError(f"{name} must be >= 0; got {value!r}.")
+    self.feature_layer = feature_layer
+    self.jacobian_weight = float(jacobian_weight)
+    self.variant = variant
+    self.classifier_weight = float(classifier_weight)
+    self.seed = seed
+    self._seed_generator = keras.random.SeedGenerator(seed)
+    self._jacobian_tracker = keras.metrics.Mean(name="jacobian")
+    if len(self.inputs) != 1:
+      raise ValueError(f"JacobianModel needs one input; got {len(self.inputs)}.")
+    endpoints = layer_outputs_model(self, [feature_layer])
+    classifier = self.layers[-1]
+    features = endpoints.outputs[1]
+    if not isinstance(classifier, keras.layers.Dense) or (
+        classifier.input is not features):
+      raise ValueError(
+          f"The output layer must be a Dense layer applied to {feature_layer!r} (the "
+          f"linear classifier); got {type(classifier).__name__} {classifier.name!r}.")
+    object.__setattr__(self, "_endpoints", endpoints)
+    object.__setattr__(self, "_classifier", classifier)
+
+  def _class_indices(self, batch_size, num_classes):
+    if self.variant == "all":
+      return None
+    return keras.random.randint([batch_size], 0, num_classes,
+                                seed=self._seed_generator, dtype="int32")
+
+  def _total_loss(self, x, y, sample_weight, training):
+    x = tf.convert_to_tensor(x)
+    with tf.GradientTape(persistent=True) as tape:
+      tape.watch(x)
+      logits, features = self._endpoints(x, training=training)
+    loss = self._compute_loss(x=x, y=y, y_pred=logits, sample_weight=sample_weight,
+                              training=training)
+    kernel = self._classifier.kernel
+    batch_size = tf.shape(x)[0]
+    penalty = jacobian_penalty(
+        x, tf.cast(features, tf.float32), kernel, tape,
+        self._class_indices(batch_size, kernel.shape[-1]))
+    penalty = scale_loss_for_distribution(
+        self.jacobian_weight * penalty / tf.cast(batch_size, tf.float32))
+    total = tf.cast(loss, tf.float32) + penalty
+    if self.classifier_weight:
+      total += scale_loss_for_distribution(
+          self.classifier_weight * tf.reduce_sum(tf.square(tf.cast(kernel, tf.float32))))
+    self._loss_tracker.update_state(unscale_loss_for_distribution(total),
+                                    sample_weight=batch_size)
+    self._jacobian_tracker.update_state(unscale_loss_for_distribution(penalty),
+                                        sample_weight=batch_size)
+    return total, logits
+
+  def train_step(self, data):
+    x, y, sample_weight = unpack_x_y_sample_weight(data)
+    with tf.GradientTape() as tape:
+      loss, logits = self._total_loss(x, y, sample_weight, training=True)
+      scaled_loss = self.optimizer.scale_loss(loss)
+    gradients = tape.gradient(scaled_loss, self.trainable_weights)
+    self.optimizer.apply(gradients, self.trainable_weights)
+    return distribute.logs_for_reduction(
+        self.compute_metrics(x, y, logits, sample_weight))
+
+  def test_step(self, data):
+    x, y, sample_weight = unpack_x_y_sample_weight(data)
+    _, logits = self._total_loss(x, y, sample_weight, training=False)
+    return distribute.logs_for_reduction(
+        self.compute_metrics(x, y, logits, sample_weight))
+
+  def get_config(self):
+    config = super().get_config()
+    config.update(feature_layer=self.feature_layer,
+                  jacobian_weight=self.jacobian_weight, variant=self.variant,
+                  classifier_weight=self.classifier_weight, seed=self.seed)
+    return config
