@@ -98,7 +98,7 @@ def test_bad_hyperparameters(kwargs, match):
 
 
 def test_bad_labels_and_top_k():
-  with pytest.raises(ValueError, match="Labels must be integers"):
+  with pytest.raises(ValueError, match=r"Labels must be integer class ids.*got shape \(8, 3\)"):
     tlm.LargeMarginLoss()(np.zeros((8, 3)), LOGITS)
   with pytest.raises(ValueError, match=r"top_k must be in \[1, num_classes=5\]"):
     tlm.LargeMarginLoss(top_k=6)(LABELS, LOGITS)
@@ -166,3 +166,10 @@ class TestAggregation:
 def half_distance(distances, gamma, alpha_factor):
   del gamma, alpha_factor
   return distances / 2
+
+
+def test_out_of_range_class_ids_raise():
+  with pytest.raises(tf.errors.InvalidArgumentError, match="class ids must be < 5"):
+    tlm.LargeMarginLoss()(np.array([0, 5, 1, 2, 3, 4, 0, 1]), LOGITS)
+  with pytest.raises(tf.errors.InvalidArgumentError, match="class ids must be >= 0"):
+    tlm.LargeMarginLoss()(np.array([0, -1, 1, 2, 3, 4, 0, 1]), LOGITS)

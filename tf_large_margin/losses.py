@@ -5,21 +5,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_large_margin import margin
-
-
-def one_hot_labels(y_true, num_classes, dtype=tf.float32):
-  """Integer labels of shape [batch] or [batch, 1], or one-hot [batch, classes] ->
-  one-hot [batch, classes] of ``dtype``."""
-  y_true = tf.convert_to_tensor(y_true)
-  rank = y_true.shape.rank
-  if rank == 2 and y_true.shape[-1] == num_classes and num_classes != 1:
-    return tf.cast(y_true, dtype)
-  if rank == 1 or (rank == 2 and y_true.shape[-1] == 1):
-    labels = tf.cast(tf.reshape(y_true, [-1]), tf.int32)
-    return tf.one_hot(labels, num_classes, dtype=dtype)
-  raise ValueError(
-      f"Labels must be integers of shape [batch] or [batch, 1], or one-hot of shape "
-      f"[batch, {num_classes}]; got shape {y_true.shape}.")
+from tf_large_margin.labels import to_one_hot
 
 
 def probabilities_to_logits(probs):
@@ -114,7 +100,7 @@ class LargeMarginLoss(keras.losses.Loss):
   def logits_and_labels(self, y_true, y_pred):
     """``(logits, one_hot)`` from what Keras passes to the loss."""
     logits = y_pred if self.from_logits else probabilities_to_logits(y_pred)
-    return logits, one_hot_labels(y_true, logits.shape[-1], logits.dtype)
+    return logits, to_one_hot(y_true, logits.shape[-1], dtype=logits.dtype)
 
   def per_example_parts(self, one_hot, logits, layers_list=None, layers_weights=None,
                         tape=None):

@@ -13,8 +13,8 @@ from keras.src.trainers.data_adapters.data_adapter_utils import (
 
 from tf_large_margin import distribute
 from tf_large_margin import margin
+from tf_large_margin.labels import to_one_hot
 from tf_large_margin.losses import LargeMarginLoss
-from tf_large_margin.losses import one_hot_labels
 
 INPUT = "input"
 SIZE = "size"
@@ -116,7 +116,7 @@ class MarginTraining(distribute.MultiWorkerFit):
       logits, hidden = self.margin_endpoints(x, training=training)
     hidden = iter(hidden)
     layers_list = [x if name == INPUT else next(hidden) for name in self.margin_layers]
-    one_hot = one_hot_labels(y, logits.shape[-1])
+    one_hot = to_one_hot(y, logits.shape[-1])
     try:
       margin_values, xent_values = loss_fn.per_example_parts(
           one_hot, logits, layers_list=layers_list,

@@ -38,6 +38,7 @@ import numbers
 import keras
 from keras import ops
 
+from tf_large_margin.labels import to_one_hot
 from tf_large_margin.layers import split_head_output
 
 _HINGE_VARIANTS = ("crammer_singer", "weston_watkins")
@@ -95,37 +96,6 @@ def _check_variant(variant):
             f"{_HINGE_VARIANTS}."
         )
     return variant
-
-
-def to_one_hot(y_true, num_classes, rank, dtype="float32"):
-    """Converts sparse or one-hot labels to one-hot.
-
-    Args:
-        y_true: Integer labels of shape `batch_shape` or `batch_shape + (1,)`,
-            or one-hot labels of shape `batch_shape + (num_classes,)`.
-        num_classes: Number of classes `C`.
-        rank: Rank of the per-class predictions, i.e. `len(batch_shape) + 1`.
-        dtype: dtype of the result.
-
-    Returns:
-        A `batch_shape + (num_classes,)` one-hot tensor of `dtype`.
-    """
-    y_true = ops.convert_to_tensor(y_true)
-    y_rank = len(y_true.shape)
-    last = y_true.shape[-1] if y_rank else None
-    if y_rank == rank and last == num_classes and num_classes != 1:
-        # One-hot; `> 0.5` makes the loss independent of the label dtype.
-        return ops.cast(ops.greater(ops.cast(y_true, "float32"), 0.5), dtype)
-    if y_rank == rank and last == 1:
-        y_true = ops.squeeze(y_true, axis=-1)
-    elif y_rank != rank - 1:
-        raise ValueError(
-            "Labels must be integer class ids of shape (N,) / (N, 1) or "
-            f"one-hot of shape (N, {num_classes}); got y_true with shape "
-            f"{tuple(y_true.shape)} for predictions with {num_classes} classes."
-        )
-    labels = ops.cast(y_true, "int32")
-    return ops.one_hot(labels, num_classes, dtype=dtype)
 
 
 def _one_hot_like(y_true, scores):
