@@ -55,7 +55,7 @@ def original_large_margin(logits, one_hot_labels, layers_list, layers_weights, *
 class OriginalFormulation(tlm.MarginModel):
   """MarginModel whose step computes the margin as the original code does."""
 
-  def compute_margin_loss(self, x, y, sample_weight=None, training=False):
+  def total_loss(self, x, y, sample_weight=None, training=False):
     del sample_weight
     x = tf.convert_to_tensor(x)
     logits, hidden = self.margin_endpoints(x, training=training)

@@ -17,10 +17,8 @@ import keras
 import tensorflow as tf
 from keras.src.losses.loss import scale_loss_for_distribution
 from keras.src.losses.loss import unscale_loss_for_distribution
-from keras.src.trainers.data_adapters.data_adapter_utils import (
-    unpack_x_y_sample_weight)
 
-from tf_large_margin import distribute
+from tf_large_margin.models import TotalLossStep
 from tf_large_margin.models import layer_outputs_model
 
 VARIANTS = ("random", "all")
@@ -61,7 +59,7 @@ def jacobian_penalty(inputs, features, classifier_kernel, tape, class_indices=No
 
 
 @keras.saving.register_keras_serializable(package="tf_large_margin")
-class JacobianModel(distribute.MultiWorkerFit, keras.Model):
+class JacobianModel(TotalLossStep, keras.Model):
   """A functional model trained with the Jacobian regulariser of Sokolic et al.
 
   The step minimises the compiled loss (multi-class hinge as the paper, or
@@ -119,7 +117,8 @@ class JacobianModel(distribute.MultiWorkerFit, keras.Model):
     return keras.random.randint([batch_size], 0, num_classes,
                                 seed=self._seed_generator, dtype="int32")
 
-  def _total_loss(self, x, y, sample_weight, training):
+  def total_loss(self, x, y, sample_weight=None, training=False):
+    """Compiled loss + Jacobian penalty + classifier penalty, and the logits."""
     x = tf.convert_to_tensor(x)
     with tf.GradientTape(persistent=True) as tape:
       tape.watch(x)
@@ -142,22 +141,6 @@ class JacobianModel(distribute.MultiWorkerFit, keras.Model):
     self._jacobian_tracker.update_state(unscale_loss_for_distribution(penalty),
                                         sample_weight=batch_size)
     return total, logits
-
-  def train_step(self, data):
-    x, y, sample_weight = unpack_x_y_sample_weight(data)
-    with tf.GradientTape() as tape:
-      loss, logits = self._total_loss(x, y, sample_weight, training=True)
-      scaled_loss = self.optimizer.scale_loss(loss)
-    gradients = tape.gradient(scaled_loss, self.trainable_weights)
-    self.optimizer.apply(gradients, self.trainable_weights)
-    return distribute.logs_for_reduction(
-        self.compute_metrics(x, y, logits, sample_weight))
-
-  def test_step(self, data):
-    x, y, sample_weight = unpack_x_y_sample_weight(data)
-    _, logits = self._total_loss(x, y, sample_weight, training=False)
-    return distribute.logs_for_reduction(
-        self.compute_metrics(x, y, logits, sample_weight))
 
   def get_config(self):
     config = super().get_config()

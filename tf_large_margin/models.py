@@ -49,7 +49,40 @@ def layer_outputs_model(model, names):
                      name=f"{model.name}_endpoints")
 
 
-class MarginTraining(distribute.MultiWorkerFit):
+class TotalLossStep(distribute.MultiWorkerFit):
+  """Mixin: Keras ``train_step`` / ``test_step`` around a model's own loss.
+
+  Subclasses implement ``total_loss(x, y, sample_weight, training)``, returning
+  ``(loss, logits)`` from one forward pass and updating their loss trackers; the
+  plain Keras steps run while ``has_total_loss()`` is False.
+  """
+
+  def has_total_loss(self):
+    return True
+
+  def total_loss(self, x, y, sample_weight=None, training=False):
+    raise NotImplementedError
+
+  def train_step(self, data):
+    if not self.has_total_loss():
+      return distribute.logs_for_reduction(super().train_step(data))
+    x, y, sample_weight = unpack_x_y_sample_weight(data)
+    with tf.GradientTape() as tape:
+      loss, logits = self.total_loss(x, y, sample_weight, training=True)
+      scaled_loss = self.optimizer.scale_loss(loss)
+    gradients = tape.gradient(scaled_loss, self.trainable_weights)
+    self.optimizer.apply(gradients, self.trainable_weights)
+    return distribute.logs_for_reduction(self.compute_metrics(x, y, logits, sample_weight))
+
+  def test_step(self, data):
+    if not self.has_total_loss():
+      return distribute.logs_for_reduction(super().test_step(data))
+    x, y, sample_weight = unpack_x_y_sample_weight(data)
+    _, logits = self.total_loss(x, y, sample_weight, training=False)
+    return distribute.logs_for_reduction(self.compute_metrics(x, y, logits, sample_weight))
+
+
+class MarginTraining(TotalLossStep):
   """Mixin with the margin training step; see `MarginModel`.
 
   For a subclassed model (no layer graph): ``class Net(MarginTraining,
@@ -103,7 +136,10 @@ class MarginTraining(distribute.MultiWorkerFit):
       return [float(math.prod(h.shape[1:])) for h in layers_list]
     return self.layers_weights
 
-  def compute_margin_loss(self, x, y, sample_weight=None, training=False):
+  def has_total_loss(self):
+    return self.margin_loss is not None
+
+  def total_loss(self, x, y, sample_weight=None, training=False):
     """Total loss of one batch and its logits (the step's forward pass).
 
     Returns ``(total, logits)``; also updates the ``loss``, ``margin`` and
@@ -141,24 +177,6 @@ class MarginTraining(distribute.MultiWorkerFit):
     self._xent_tracker.update_state(unscale_loss_for_distribution(xent_loss),
                                     sample_weight=batch_size)
     return total, logits
-
-  def train_step(self, data):
-    if self.margin_loss is None:
-      return distribute.logs_for_reduction(super().train_step(data))
-    x, y, sample_weight = unpack_x_y_sample_weight(data)
-    with tf.GradientTape() as tape:
-      loss, logits = self.compute_margin_loss(x, y, sample_weight, training=True)
-      scaled_loss = self.optimizer.scale_loss(loss)
-    gradients = tape.gradient(scaled_loss, self.trainable_weights)
-    self.optimizer.apply(gradients, self.trainable_weights)
-    return distribute.logs_for_reduction(self.compute_metrics(x, y, logits, sample_weight))
-
-  def test_step(self, data):
-    if self.margin_loss is None:
-      return distribute.logs_for_reduction(super().test_step(data))
-    x, y, sample_weight = unpack_x_y_sample_weight(data)
-    _, logits = self.compute_margin_loss(x, y, sample_weight, training=False)
-    return distribute.logs_for_reduction(self.compute_metrics(x, y, logits, sample_weight))
 
   def get_config(self):
     config = super().get_config()
