@@ -49,10 +49,10 @@ def check_nonnegative(name, value):
   return value
 
 
-def check_steps(steps):
+def check_steps(steps, name="steps"):
   """Returns ``steps`` after checking it is an integer >= 1."""
   if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-    raise ValueError(f"steps must be an integer >= 1; got {steps!r}.")
+    raise ValueError(f"{name} must be an integer >= 1; got {steps!r}.")
   return int(steps)
 
 
@@ -75,11 +75,14 @@ def check_data_range(x, clip_min, clip_max):
 
 
 def check_logits_and_labels(model, x, labels):
-  """Validates the model's output on ``x`` and the labels; returns int32 labels.
+  """Validates the model's output on ``x`` and the labels.
 
   The model must map a [batch, ...] input to [batch, classes] float logits, and the
   labels must be integers in [0, classes) of shape [batch]. One example is run
   through the model to learn its number of classes.
+
+  Returns:
+    ``(labels as an int32 tensor, number of classes)``.
   """
   x = tf.convert_to_tensor(x)
   if x.shape.rank is None or x.shape.rank < 1 or x.shape[0] == 0:
@@ -104,7 +107,7 @@ def check_logits_and_labels(model, x, labels):
     raise ValueError(
         f"labels must be in [0, {num_classes}) (the model's classes); labels[{bad[0]}] "
         f"= {labels[bad[0]]}.")
-  return tf.constant(labels, tf.int32)
+  return tf.constant(labels, tf.int32), num_classes
 
 
 def _validated(model, x, labels, clip_min, clip_max):
@@ -112,7 +115,7 @@ def _validated(model, x, labels, clip_min, clip_max):
   x = tf.convert_to_tensor(x)
   if not x.dtype.is_floating:
     raise ValueError(f"x must be a float tensor; got dtype {x.dtype.name}.")
-  labels = check_logits_and_labels(model, x, labels)
+  labels, _ = check_logits_and_labels(model, x, labels)
   check_data_range(x, clip_min, clip_max)
   return x, labels
 
@@ -122,7 +125,7 @@ def _validated(model, x, labels, clip_min, clip_max):
 # ---------------------------------------------------------------------------
 
 
-def _expand(per_example, x):
+def expand_to(per_example, x):
   """Reshapes a [batch] tensor to broadcast against ``x`` [batch, ...]."""
   return tf.reshape(per_example, [-1] + [1] * (x.shape.rank - 1))
 
@@ -141,10 +144,20 @@ def loss_gradient(model, x, labels):
 
 
 def steepest_ascent_direction(gradient, norm):
-  """argmax_{||v||_p <= 1} <g, v>: sign(g) for l_inf, g / ||g||_2 for l_2 (0 if g = 0)."""
+  """u = argmax_{||u||_p <= 1} <g, u>, so that <g, u> = ||g||_q (0 if g = 0).
+
+  l_inf: sign(g); l_2: g / ||g||_2; l_1: sign(g_m) e_m at m = argmax_i |g_i| (the
+  first such i).
+  """
   if norm == np.inf:
     return tf.sign(gradient)
-  return tf.math.divide_no_nan(gradient, _expand(margin.flat_norm(gradient, 2), gradient))
+  if norm == 2:
+    return tf.math.divide_no_nan(gradient,
+                                 expand_to(margin.flat_norm(gradient, 2), gradient))
+  flat = tf.reshape(gradient, [tf.shape(gradient)[0], -1])
+  largest = tf.one_hot(tf.argmax(tf.abs(flat), axis=1), tf.shape(flat)[1],
+                       dtype=gradient.dtype)
+  return tf.reshape(largest * tf.sign(flat), tf.shape(gradient))
 
 
 def project_to_ball(delta, epsilon, norm):
@@ -155,7 +168,7 @@ def project_to_ball(delta, epsilon, norm):
   """
   if norm == np.inf:
     return tf.clip_by_value(delta, -epsilon, epsilon)
-  norms = _expand(margin.flat_norm(delta, 2), delta)
+  norms = expand_to(margin.flat_norm(delta, 2), delta)
   return delta * tf.minimum(1., epsilon / tf.maximum(norms, 1e-12))
 
 
@@ -171,7 +184,7 @@ def random_ball_point(x, epsilon, norm, seed):
   direction = steepest_ascent_direction(direction, 2)
   dimension = tf.cast(tf.reduce_prod(tf.shape(x)[1:]), x.dtype)
   u = tf.random.stateless_uniform(tf.shape(x)[:1], seed + 1, dtype=x.dtype)
-  return direction * _expand(epsilon * u ** (1. / dimension), x)
+  return direction * expand_to(epsilon * u ** (1. / dimension), x)
 
 
 def misclassified(logits, labels):
@@ -202,7 +215,7 @@ def pgd_graph(model, x, labels, epsilon, step_size, steps, norm, use_random_star
                              clip_max)
   for _ in tf.range(steps):
     logits, gradient = loss_gradient(model, x_adv, labels)
-    active = _expand(tf.logical_not(misclassified(logits, labels)), x)
+    active = expand_to(tf.logical_not(misclassified(logits, labels)), x)
     step = x_adv + step_size * steepest_ascent_direction(gradient, norm)
     stepped = tf.clip_by_value(x + project_to_ball(step - x, epsilon, norm), clip_min,
                                clip_max)

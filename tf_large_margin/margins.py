@@ -1,0 +1,304 @@
+"""Per-example margin estimates of a trained model and their summaries.
+
+Two estimates of the distance of an example to the decision boundary:
+
+* First order, at any layer h (Elsayed et al. 2018, Eq. 7/10), computed by
+  `tf_large_margin.margin.margin_distances`:
+
+      d_h = (p_y - p_j) / || grad_h (p_y - p_j) ||_q,   1/p + 1/q = 1,
+
+  p the softmax probabilities, j the most probable other class (the smallest d_h over
+  the ``top_k`` most probable others). It is negative for misclassified examples. For
+  an affine two-class model with logit gap u = z_y - z_j, p_y - p_j = tanh(u / 2), so
+  d = sinh(u) / ||w_y - w_j||_q: the exact distance u / ||w_y - w_j||_q to first
+  order in u, with the same sign and zero set, and never smaller in magnitude.
+
+* DeepFool (Moosavi-Dezfooli, Fawzi, Frossard, "DeepFool: a simple and accurate method
+  to fool deep neural networks", CVPR 2016, Algorithm 2 with the l_p steps of
+  Section 3.3): linearise the logit differences f_k = z_k - z_y at the current point,
+  step onto the closest linearised boundary,
+
+      l = argmin_{k != y} |f_k| / ||grad f_k||_q,
+      r = |f_l| / ||grad f_l||_q * u_l,  u_l = argmax_{||u||_p <= 1} <grad f_l, u>,
+
+  and repeat until the prediction changes; the returned perturbation is (1 +
+  overshoot) times the sum of the steps. It flips the prediction, so its l_p norm is
+  an upper bound on the input-space margin. It is exact (up to the overshoot) for an
+  affine classifier: one step reaches the closest of the boundaries y/k, at distance
+  min_k |(w_y - w_k) x + b_y - b_k| / ||w_y - w_k||_q. The input space is not
+  clipped to the data range: the margin is a distance in R^d.
+
+The batch functions take integer labels of shape [batch]; `dataset_margins` runs them
+over a data set and `summarize_margins` reduces the result, over correctly classified
+examples by default.
+"""
+
+import weakref
+
+import numpy as np
+import tensorflow as tf
+
+from tf_large_margin import attacks
+from tf_large_margin import margin
+from tf_large_margin import models
+
+INPUT = models.INPUT
+QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
+DEEPFOOL = "deepfool"
+
+_ENDPOINTS = weakref.WeakKeyDictionary()
+
+
+def layer_endpoints(model, layers):
+  """A model whose ``margin_endpoints(x)`` gives the logits and the outputs of the
+  named ``layers`` ("input" for the input), sharing ``model``'s layers.
+
+  A `MarginTraining` model with these ``margin_layers`` is used as is; otherwise a
+  `MarginModel` is wrapped around the functional or Sequential ``model`` (once per
+  model and layer names; unknown names raise ValueError).
+  """
+  layers = tuple(layers)
+  if isinstance(model, models.MarginTraining) and tuple(model.margin_layers) == layers:
+    return model
+  per_model = _ENDPOINTS.setdefault(model, {})
+  if layers not in per_model:
+    per_model[layers] = models.MarginModel.from_model(model, margin_layers=layers)
+  return per_model[layers]
+
+
+def _check_layers(layers):
+  """Returns the layer names as a tuple after checking there is at least one."""
+  layers = (layers,) if isinstance(layers, str) else tuple(layers)
+  if not layers:
+    raise ValueError("layers is empty: name at least one layer or 'input'.")
+  return layers
+
+
+# ---------------------------------------------------------------------------
+# First-order margins
+# ---------------------------------------------------------------------------
+
+
+@tf.function(reduce_retracing=True)
+def _first_order_graph(endpoints, layers, x, labels, dist_norm, top_k, epsilon):
+  """``(distances per layer [batch], correct [batch])`` of one batch."""
+  with tf.GradientTape(persistent=top_k > 1) as tape:
+    tape.watch(x)
+    logits, hidden = endpoints.margin_endpoints(x, training=False)
+  hidden = iter(hidden)
+  layers_list = [x if name == INPUT else next(hidden) for name in layers]
+  _, distances = margin.margin_distances(
+      logits=logits, one_hot_labels=tf.one_hot(labels, logits.shape[1]),
+      layers_list=layers_list, top_k=top_k, dist_norm=dist_norm, epsilon=epsilon,
+      tape=tape)
+  correct = tf.logical_not(attacks.misclassified(logits, labels))
+  return [tf.reduce_min(d, axis=1) for d in distances], correct
+
+
+def first_order_margins(model, x, labels, layers=(INPUT,), dist_norm=2, top_k=1,
+                        epsilon=1e-8):
+  """First-order signed distances to the boundary at each layer (Eq. 10's d).
+
+      d_h = min_j (p_y - p_j) / (epsilon + || grad_h (p_y - p_j) ||_q)
+
+  over the ``top_k`` most probable classes j != y, computed by
+  `tf_large_margin.margin.margin_distances`.
+
+  Args:
+    model: a functional or Sequential Keras model returning logits, or a
+      `MarginTraining` model whose ``margin_layers`` are ``layers``.
+    x: [batch, ...] float inputs.
+    labels: [batch] integer labels.
+    layers: names of the layers ("input" for the input).
+    dist_norm: 1, 2 or np.inf.
+    top_k: number of competing classes (top_k = classes - 1: all of them).
+    epsilon: added to the gradient norm.
+
+  Returns:
+    ``(margins, correct)``: a dict from layer name to a [batch] numpy array of
+    distances (negative where misclassified), and the [batch] boolean array of
+    correctly classified examples.
+  """
+  layers = _check_layers(layers)
+  margin.dual_norm(dist_norm)
+  x = tf.convert_to_tensor(x, tf.float32)
+  labels, num_classes = attacks.check_logits_and_labels(model, x, labels)
+  if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or not (
+      1 <= top_k < num_classes):
+    raise ValueError(f"top_k must be an integer in [1, classes - 1 = {num_classes - 1}]; "
+                     f"got {top_k!r}.")
+  distances, correct = _first_order_graph(layer_endpoints(model, layers), layers, x,
+                                          labels, dist_norm, top_k, epsilon)
+  return ({name: d.numpy() for name, d in zip(layers, distances)},
+          correct.numpy())
+
+
+# ---------------------------------------------------------------------------
+# DeepFool
+# ---------------------------------------------------------------------------
+
+
+def _logits_and_class_gradients(model, x):
+  """``(logits [B, C], gradients [B, C, ...])``: grad_x z_k for every class k."""
+  with tf.GradientTape(persistent=True) as tape:
+    tape.watch(x)
+    logits = model(x, training=False)
+    columns = tf.unstack(logits, axis=1)
+  gradients = tf.stack([tape.gradient(column, x) for column in columns], axis=1)
+  return logits, gradients
+
+
+def deepfool_step(logits, gradients, labels, norm):
+  """One DeepFool step from the linearisation at the current point.
+
+      f_k = z_k - z_y, w_k = grad z_k - grad z_y
+      l = argmin_{k != y} |f_k| / ||w_k||_q
+      r = |f_l| / ||w_l||_q * u,  u = argmax_{||u||_p <= 1} <w_l, u>
+
+  so that <w_l, r> = |f_l|: r reaches the linearised boundary y/l (r = 0 if w_l = 0).
+
+  Returns:
+    r, shaped as one example of ``gradients`` per row ([batch, ...]).
+  """
+  num_classes = logits.shape[1]
+  label_mask = tf.one_hot(labels, num_classes) > 0.
+  f = logits - tf.gather(logits, labels, axis=1, batch_dims=1)[:, None]
+  w = gradients - tf.gather(gradients, labels, axis=1, batch_dims=1)[:, None]
+  dimension = tf.reduce_prod(tf.shape(w)[2:])
+  w_norms = tf.reshape(
+      margin.flat_norm(tf.reshape(w, [-1, dimension]), margin.dual_norm(norm)),
+      [-1, num_classes])
+  linear_distances = tf.where(label_mask | (w_norms == 0.), np.inf,
+                              tf.abs(f) / tf.where(w_norms == 0., 1., w_norms))
+  closest = tf.argmin(linear_distances, axis=1, output_type=tf.int32)
+  f_l = tf.gather(f, closest, axis=1, batch_dims=1)
+  w_l = tf.gather(w, closest, axis=1, batch_dims=1)
+  norm_l = tf.gather(w_norms, closest, axis=1, batch_dims=1)
+  length = tf.math.divide_no_nan(tf.abs(f_l), norm_l)
+  return attacks.expand_to(length, w_l) * attacks.steepest_ascent_direction(w_l, norm)
+
+
+@tf.function(reduce_retracing=True)
+def _deepfool_graph(model, x, labels, norm, max_iter, overshoot):
+  """DeepFool on one batch: ``(x + (1 + overshoot) r_total, flipped [batch])``."""
+  total = tf.zeros_like(x)
+  x_adv = x
+  for _ in tf.range(max_iter):
+    logits, gradients = _logits_and_class_gradients(model, x_adv)
+    active = tf.logical_not(attacks.misclassified(logits, labels))
+    if not tf.reduce_any(active):
+      break
+    step = deepfool_step(logits, gradients, labels, norm)
+    total = tf.where(attacks.expand_to(active, x), total + step, total)
+    x_adv = x + (1. + overshoot) * total
+  flipped = attacks.misclassified(model(x_adv, training=False), labels)
+  return x_adv, flipped
+
+
+def deepfool(model, x, labels, norm=2, max_iter=50, overshoot=0.02):
+  """Multi-class DeepFool (Moosavi-Dezfooli et al. 2016): an upper bound on the margin.
+
+  Args:
+    model: a Keras model returning [batch, classes] logits.
+    x: [batch, ...] float inputs.
+    labels: [batch] integer labels.
+    norm: 1, 2 or np.inf, the norm the perturbation is measured in.
+    max_iter: maximum number of linearisation steps, >= 1.
+    overshoot: the summed steps are scaled by 1 + overshoot, >= 0 (to cross the
+      boundary rather than land on it).
+
+  Returns:
+    ``(x_adv, distances)``: the perturbed inputs and the [batch] numpy array of
+    ||x_adv - x||_p; 0 for examples misclassified from the start and inf for those
+    not flipped within ``max_iter`` steps.
+  """
+  margin.dual_norm(norm)
+  max_iter = attacks.check_steps(max_iter, "max_iter")
+  overshoot = attacks.check_nonnegative("overshoot", overshoot)
+  x = tf.convert_to_tensor(x, tf.float32)
+  labels, _ = attacks.check_logits_and_labels(model, x, labels)
+  x_adv, flipped = _deepfool_graph(model, x, labels, norm, tf.constant(max_iter),
+                                   tf.constant(overshoot))
+  distances = margin.flat_norm(x_adv - x, norm).numpy()
+  return x_adv, np.where(flipped.numpy(), distances, np.inf)
+
+
+# ---------------------------------------------------------------------------
+# Data sets and summaries
+# ---------------------------------------------------------------------------
+
+
+def dataset_margins(model, dataset, layers=(INPUT,), dist_norm=2, deepfool_steps=50,
+                    overshoot=0.02, progress=None):
+  """Margins of every example of ``dataset``.
+
+  Args:
+    model: a Keras model returning logits (see `first_order_margins`).
+    dataset: an iterable of ``(x, labels)`` batches.
+    layers: layer names for the first-order margins.
+    dist_norm: 1, 2 or np.inf, for both estimates.
+    deepfool_steps: DeepFool's ``max_iter``; 0 skips DeepFool.
+    overshoot: DeepFool's overshoot.
+    progress: None or a callable ``progress(batch_index)`` called after each batch.
+
+  Returns:
+    A dict of [N] numpy arrays: "correct" (bool), one entry per layer name (the
+    first-order margins) and, unless ``deepfool_steps`` is 0, "deepfool".
+  """
+  layers = _check_layers(layers)
+  if DEEPFOOL in layers or "correct" in layers:
+    raise ValueError(f"Layer names 'deepfool' and 'correct' are reserved; got {layers}.")
+  parts = {}
+  for i, (x, labels) in enumerate(dataset):
+    distances, correct = first_order_margins(model, x, labels, layers, dist_norm)
+    distances["correct"] = correct
+    if deepfool_steps:
+      distances[DEEPFOOL] = deepfool(model, x, labels, dist_norm, deepfool_steps,
+                                     overshoot)[1]
+    for key, values in distances.items():
+      parts.setdefault(key, []).append(values)
+    if progress is not None:
+      progress(i)
+  if not parts:
+    raise ValueError("dataset is empty.")
+  return {key: np.concatenate(values) for key, values in parts.items()}
+
+
+def summarize(values, quantiles=QUANTILES, thresholds=()):
+  """Summary of margins: count, median, quantiles and fraction below thresholds.
+
+  Returns:
+    {"count": n, "median": m, "quantiles": {str(q): value}, "fraction_below":
+    {str(t): mean(values < t)}}; with no values the statistics are None.
+  """
+  values = np.asarray(values, np.float64)
+  if any(not 0 <= q <= 1 for q in quantiles):
+    raise ValueError(f"quantiles must lie in [0, 1]; got {quantiles}.")
+  empty = values.size == 0
+  return {
+      "count": int(values.size),
+      "median": None if empty else float(np.median(values)),
+      "quantiles": {str(q): None if empty else float(np.quantile(values, q))
+                    for q in quantiles},
+      "fraction_below": {str(t): None if empty else float(np.mean(values < t))
+                         for t in thresholds},
+  }
+
+
+def summarize_margins(margins, only_correct=True, quantiles=QUANTILES, thresholds=()):
+  """`summarize` for each estimate of a `dataset_margins` result.
+
+  Args:
+    margins: the dict returned by `dataset_margins`.
+    only_correct: summarise only the correctly classified examples (default), whose
+      margins are positive; otherwise all examples.
+    quantiles, thresholds: as `summarize`.
+
+  Returns:
+    A dict from estimate name (layer names and "deepfool") to its summary.
+  """
+  if "correct" not in margins:
+    raise ValueError("margins must be a dataset_margins result (no 'correct' key).")
+  keep = margins["correct"] if only_correct else np.ones_like(margins["correct"])
+  return {name: summarize(values[keep], quantiles, thresholds)
+          for name, values in margins.items() if name != "correct"}
