@@ -1,0 +1,251 @@
+r"""Robustness and margins of trained models: eval.json and PNG plots.
+
+For each model given with ``--model`` (Keras ``.keras`` files returning logits), on
+the first ``--num_examples`` test examples:
+
+* clean accuracy;
+* white-box accuracy under FGSM and iterative FGSM over the ``--epsilons`` grid;
+* black-box accuracy under the same attacks crafted on ``--source_model`` (Elsayed et
+  al. 2018 transfer them from a cross-entropy model; not for the source model itself);
+* accuracy under additive Gaussian noise over the ``--sigmas`` grid;
+* margins of the correctly classified examples: first order (Eq. 10's distance, in
+  the ``--dist_norm`` norm) at each of ``--margin_layers``, and DeepFool's upper bound
+  on the input-space margin (see `tf_large_margin.margins`).
+
+Writes to ``--output_dir``: ``eval.json``, ``accuracy_vs_epsilon.png`` (one curve per
+model; black-box dashed), ``gaussian_noise.png`` and ``margins_<model>.png``
+(histograms per layer).
+
+Example:
+
+  python examples/evaluate.py --model=runs/xent/model.keras,runs/margin/model.keras \
+      --source_model=runs/xent/model.keras --data_source=embedded \
+      --output_dir=runs/eval
+"""
+
+import json
+import os
+import time
+
+from absl import app
+from absl import flags
+import keras
+import matplotlib
+import numpy as np
+
+import tf_large_margin  # pylint: disable=unused-import  (registers the custom objects)
+from tf_large_margin import adversarial  # pylint: disable=unused-import
+from tf_large_margin import attacks
+from tf_large_margin import datasets
+from tf_large_margin import margins
+
+matplotlib.use("Agg")
+from matplotlib import pyplot  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("model", None, "Comma-separated .keras model files to evaluate.")
+flags.DEFINE_string("source_model", None, "A .keras model the black-box adversarial "
+                    "examples are crafted on (none: no black-box evaluation).")
+flags.DEFINE_enum("dataset", "mnist", list(datasets.DATASET_NAMES), "Data set.")
+flags.DEFINE_string("data_source", None, "'embedded' (MNIST sample shipped with the "
+                    "package), 'tfds', or a directory with the data set's files.")
+flags.DEFINE_integer("num_examples", 0, "Test examples evaluated (the first ones; "
+                     "0: all).")
+flags.DEFINE_integer("batch_size", 250, "Examples per batch.")
+flags.DEFINE_list("epsilons", ["0", "0.05", "0.1", "0.15", "0.2", "0.25", "0.3"],
+                  "l_inf radii of FGSM and iterative FGSM, in [0, 1] pixel units.")
+flags.DEFINE_integer("ifgsm_steps", 10, "Steps of iterative FGSM (step size "
+                     "2.5 epsilon / steps).")
+flags.DEFINE_list("sigmas", ["0", "0.1", "0.2", "0.3", "0.4", "0.5"],
+                  "Standard deviations of the Gaussian noise, in [0, 1] pixel units.")
+flags.DEFINE_list("margin_layers", ["input"], "Layers of the first-order margins "
+                  "('input' or layer names).")
+flags.DEFINE_enum("dist_norm", "2", ["1", "2", "inf"], "Norm of the margins.")
+flags.DEFINE_integer("deepfool_steps", 50, "DeepFool's maximum steps (0: skip it).")
+flags.DEFINE_list("thresholds", ["0.1", "0.3", "1.0"], "Margins summaries report "
+                  "the fraction of correct examples below these.")
+flags.DEFINE_integer("seed", 0, "Seed of the Gaussian noise.")
+flags.DEFINE_string("output_dir", "eval", "Directory of eval.json and the plots.")
+
+WHITE_BOX_ATTACKS = ("fgsm", "iterative_fgsm")
+ATTACK_TITLES = {"fgsm": "FGSM", "iterative_fgsm": "Iterative FGSM"}
+
+
+def progress(message):
+  print(f"[evaluate] {message}", flush=True)
+
+
+def parse_norm(text):
+  return np.inf if text == "inf" else int(text)
+
+
+def model_name(path):
+  """The model's name in the results: its file name, or its directory's name for
+  the examples' ``<model_dir>/model.keras``."""
+  stem = os.path.splitext(os.path.basename(path))[0]
+  if stem == "model":
+    return os.path.basename(os.path.dirname(os.path.abspath(path)))
+  return stem
+
+
+def load_model(path):
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"No model file {path}")
+  return keras.models.load_model(path, compile=False)
+
+
+def test_dataset():
+  """The first ``--num_examples`` test examples as a batched tf.data set."""
+  _, _, x_test, y_test = datasets.load_dataset(FLAGS.dataset, FLAGS.data_source)
+  if FLAGS.num_examples:
+    x_test, y_test = x_test[:FLAGS.num_examples], y_test[:FLAGS.num_examples]
+  return datasets.make_tf_dataset(x_test, y_test, FLAGS.batch_size, training=False), \
+      len(y_test)
+
+
+def accuracy_curve(model, dataset, attack, values, source_model=None):
+  """{str(value): accuracy} over a grid of ``epsilon`` (attacks) or ``sigma``."""
+  curve = {}
+  for value in values:
+    start = time.time()
+    if attack == "gaussian":
+      kwargs = dict(sigma=value)
+    elif attack == "iterative_fgsm":
+      kwargs = dict(epsilon=value, steps=FLAGS.ifgsm_steps)
+    else:
+      kwargs = dict(epsilon=value)
+    curve[str(value)] = attacks.robust_accuracy(
+        model, dataset, attack, source_model=source_model, seed=FLAGS.seed, **kwargs)
+    box = "white-box" if source_model is None else "black-box"
+    progress(f"  {attack} ({box}) {value:g}: accuracy {curve[str(value)]:.4f} "
+             f"({time.time() - start:.1f} s)")
+  return curve
+
+
+def margin_results(model, dataset, num_batches):
+  """(per-example margins, their summaries over correctly classified examples)."""
+  values = margins.dataset_margins(
+      model, dataset, layers=FLAGS.margin_layers, dist_norm=parse_norm(FLAGS.dist_norm),
+      deepfool_steps=FLAGS.deepfool_steps,
+      progress=lambda i: progress(f"  margins: batch {i + 1}/{num_batches}"))
+  summary = margins.summarize_margins(
+      values, thresholds=[float(t) for t in FLAGS.thresholds])
+  return values, summary
+
+
+def evaluate_model(model, source_model, dataset, num_batches):
+  """All the numbers of one model, and its per-example margins."""
+  epsilons = [float(e) for e in FLAGS.epsilons]
+  result = {"clean_accuracy": attacks.robust_accuracy(model, dataset)}
+  progress(f"  clean accuracy {result['clean_accuracy']:.4f}")
+  result["white_box"] = {attack: accuracy_curve(model, dataset, attack, epsilons)
+                         for attack in WHITE_BOX_ATTACKS}
+  if source_model is not None and source_model is not model:
+    result["black_box"] = {
+        attack: accuracy_curve(model, dataset, attack, epsilons, source_model)
+        for attack in WHITE_BOX_ATTACKS}
+  result["gaussian"] = accuracy_curve(model, dataset, "gaussian",
+                                      [float(s) for s in FLAGS.sigmas])
+  values, result["margins"] = margin_results(model, dataset, num_batches)
+  return result, values
+
+
+def plot_curves(axis, curve, label, linestyle="-"):
+  grid = [float(v) for v in curve]
+  axis.plot(grid, [100 * a for a in curve.values()], linestyle, marker="o",
+            label=label)
+
+
+def finish(figure, axes, xlabel, path):
+  for axis in np.ravel(axes):
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel("test accuracy (%)")
+    axis.set_ylim(0, 100)
+    axis.grid(alpha=0.3)
+    axis.legend()
+  figure.tight_layout()
+  figure.savefig(path, dpi=120)
+  pyplot.close(figure)
+
+
+def plot_accuracy_vs_epsilon(results, path):
+  """One panel per attack, one curve per model (white-box solid, black-box dashed)."""
+  figure, axes = pyplot.subplots(1, len(WHITE_BOX_ATTACKS), figsize=(11, 4.2))
+  for axis, attack in zip(axes, WHITE_BOX_ATTACKS):
+    for name, result in results.items():
+      plot_curves(axis, result["white_box"][attack], f"{name} (white-box)")
+      if "black_box" in result:
+        plot_curves(axis, result["black_box"][attack], f"{name} (black-box)", "--")
+    axis.set_title(ATTACK_TITLES[attack])
+  finish(figure, axes, "epsilon (l_inf, pixels in [0, 1])", path)
+
+
+def plot_gaussian(results, path):
+  figure, axis = pyplot.subplots(figsize=(6, 4.2))
+  for name, result in results.items():
+    plot_curves(axis, result["gaussian"], name)
+  axis.set_title("Additive Gaussian noise")
+  finish(figure, axis, "noise standard deviation (pixels in [0, 1])", path)
+
+
+def plot_margin_histograms(name, values, path):
+  """One histogram per estimate (layers, DeepFool) over the correctly classified
+  examples (DeepFool: those it flipped)."""
+  estimates = [key for key in values if key != "correct"]
+  figure, axes = pyplot.subplots(1, len(estimates), figsize=(4.5 * len(estimates), 3.8),
+                                 squeeze=False)
+  for axis, estimate in zip(axes[0], estimates):
+    kept = values[estimate][values["correct"]]
+    kept = kept[np.isfinite(kept) & (kept > 0)]
+    if kept.size:
+      # Log-spaced bins: first-order margins on probabilities have heavy tails.
+      axis.hist(kept, bins=np.geomspace(kept.min(), kept.max() * 1.001, 40),
+                color="tab:blue", alpha=0.8)
+      axis.set_xscale("log")
+      axis.axvline(np.median(kept), color="tab:red", label=f"median {np.median(kept):.3g}")
+      axis.legend()
+    kind = "DeepFool" if estimate == margins.DEEPFOOL else "first order"
+    layer = "input" if estimate == margins.DEEPFOOL else estimate
+    axis.set_title(f"{name}: {layer} ({kind})")
+    axis.set_xlabel(f"margin (l_{FLAGS.dist_norm} distance)")
+    axis.set_ylabel("correct test examples")
+  figure.tight_layout()
+  figure.savefig(path, dpi=120)
+  pyplot.close(figure)
+
+
+def main(argv):
+  del argv
+  if not FLAGS.model:
+    raise app.UsageError("--model is required (one or more .keras files).")
+  names = [model_name(path) for path in FLAGS.model]
+  if len(set(names)) != len(names):
+    raise app.UsageError(f"The models' names {names} must differ (file names, or "
+                         "directory names for model.keras files).")
+  os.makedirs(FLAGS.output_dir, exist_ok=True)
+  dataset, num_examples = test_dataset()
+  num_batches = -(-num_examples // FLAGS.batch_size)
+  source_model = load_model(FLAGS.source_model) if FLAGS.source_model else None
+  results = {}
+  for name, path in zip(names, FLAGS.model):
+    progress(f"{name} ({path}) on {num_examples} {FLAGS.dataset} test examples")
+    model = source_model if path == FLAGS.source_model else load_model(path)
+    result, values = evaluate_model(model, source_model, dataset, num_batches)
+    results[name] = dict(path=path, **result)
+    plot_margin_histograms(name, values, os.path.join(FLAGS.output_dir,
+                                                      f"margins_{name}.png"))
+  plot_accuracy_vs_epsilon(results, os.path.join(FLAGS.output_dir,
+                                                 "accuracy_vs_epsilon.png"))
+  plot_gaussian(results, os.path.join(FLAGS.output_dir, "gaussian_noise.png"))
+  report = dict(dataset=FLAGS.dataset, data_source=FLAGS.data_source,
+                num_examples=num_examples, source_model=FLAGS.source_model,
+                ifgsm_steps=FLAGS.ifgsm_steps, dist_norm=FLAGS.dist_norm,
+                margin_layers=FLAGS.margin_layers, deepfool_steps=FLAGS.deepfool_steps,
+                seed=FLAGS.seed, models=results)
+  with open(os.path.join(FLAGS.output_dir, "eval.json"), "w", encoding="utf-8") as f:
+    json.dump(report, f, indent=2)
+  progress(f"wrote {FLAGS.output_dir}/eval.json and the plots")
+
+
+if __name__ == "__main__":
+  app.run(main)
