@@ -411,6 +411,18 @@ def test_tfds_dataset_passes_arguments(monkeypatch):
                                            download=False, as_supervised=True))]
 
 
+def test_tfds_dataset_manual_dir(monkeypatch):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    calls = []
+    monkeypatch.setattr(tfds, "load", lambda name, **kwargs: calls.append((name, kwargs)))
+    datasets.tfds_dataset("imagenet2012", "train", data_dir="/d", manual_dir="/m")
+    [(name, kwargs)] = calls
+    config = kwargs.pop("download_and_prepare_kwargs")["download_config"]
+    assert config.manual_dir == "/m"
+    assert (name, kwargs) == ("imagenet2012", dict(
+        split="train", data_dir="/d", download=True, as_supervised=True))
+
+
 def test_tfds_without_data_fails_without_download(tmp_path):
     pytest.importorskip("tensorflow_datasets")
     with pytest.raises(Exception, match=r"mnist"):  # TFDS raises AssertionError.

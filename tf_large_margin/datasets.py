@@ -310,12 +310,24 @@ def load_cifar10_directory(directory):
 # ---------------------------------------------------------------------------
 
 
-def tfds_dataset(name, split, data_dir=None, download=False):
-    """Returns TFDS split `split` of `name` as a tf.data.Dataset of (image, label)."""
+def tfds_dataset(name, split, data_dir=None, download=False, manual_dir=None):
+    """Returns TFDS split `split` of `name` as a tf.data.Dataset of (image, label).
+
+    Args:
+      manual_dir: directory with manually downloaded archives (ImageNet's
+        ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar for imagenet2012).
+        If given, TFDS prepares the data set from them when it is not prepared
+        yet in `data_dir` (without downloading anything else for imagenet2012).
+    """
     import tensorflow_datasets as tfds  # Optional dependency; imported lazily.
 
+    kwargs = {}
+    if manual_dir is not None:
+        kwargs = dict(download_and_prepare_kwargs={
+            "download_config": tfds.download.DownloadConfig(manual_dir=manual_dir)})
+        download = True
     return tfds.load(name, split=split, data_dir=data_dir, download=download,
-                     as_supervised=True)
+                     as_supervised=True, **kwargs)
 
 
 def _load_tfds_numpy(name, data_dir, download):

@@ -1,0 +1,57 @@
+r"""Trains a pre-activation ResNet on CIFAR-10 with the large-margin loss.
+
+  python examples/cifar10.py --data_source=/path/to/cifar-10-batches-bin
+  python examples/cifar10.py --data_source=tfds --tfds_data_dir=~/tensorflow_datasets
+  python examples/cifar10.py --data_source=DIR --loss=xent --depth=20
+
+As the paper's CIFAR-10 setup: a deep pre-activation ResNet, the l2 margin at the
+input and at evenly spaced hidden layers (--num_margin_layers in all, input
+included; the last is the final residual block), momentum SGD with the usual
+step schedule (lr 0.1, x0.1 at 50 % and 75 % of training), weight decay, pad-4
+random-crop and flip augmentation, a 45k/5k train/validation split. Not trained
+here (no GPU): the defaults are the usual ResNet recipe, not tuned values; gamma in
+particular should be searched on the validation split (see
+examples/REPRODUCTION.md on gamma's units).
+"""
+
+from absl import app
+from absl import flags
+
+import common
+from tf_large_margin import architectures
+
+flags.DEFINE_integer("depth", 56, "ResNet depth, 6 n + 2 (8 for a quick test).")
+flags.DEFINE_integer("width", 16, "Filters of the first stage.")
+flags.DEFINE_integer("num_margin_layers", 5, "Margin layers: the input and this "
+                     "many - 1 evenly spaced residual block outputs (unless "
+                     "--margin_layers is given).")
+FLAGS = flags.FLAGS
+
+DEFAULTS = dict(
+    data_source="tfds", num_validation=5000, loss="margin", dist_norm="2", gamma=1e4,
+    alpha_factor=4., top_k=1, margin_epsilon=1e-6, layers_weights="none",
+    xent_weight=0., optimizer="momentum", momentum=0.9, learning_rate=0.1,
+    lr_schedule="piecewise", lr_boundaries=["0.5", "0.75"], lr_decay_rate=0.1,
+    clip_norm=0., weight_decay=2e-4, batch_size=128, train_steps=80000,
+    steps_per_loop=1000, model_dir="/tmp/cifar10_margin")
+
+
+def block_names(depth):
+  """Names of the residual blocks' outputs of `architectures.cifar_resnet`."""
+  return [f"block{i}" for i in range((depth - 2) // 6 * 3)]
+
+
+def main(_):
+  blocks = block_names(FLAGS.depth)
+  common.set_defaults(dict(DEFAULTS, margin_layers=["input"] + (
+      architectures.evenly_spaced(blocks, FLAGS.num_margin_layers - 1))))
+  strategy = common.make_strategy()
+  splits = common.load_splits("cifar10")
+  common.train_and_evaluate(
+      strategy,
+      lambda: architectures.cifar_resnet(FLAGS.depth, width=FLAGS.width),
+      ["input"] + blocks, *common.numpy_pipelines(splits, augment="cifar"))
+
+
+if __name__ == "__main__":
+  app.run(main)
