@@ -10,10 +10,12 @@ test accuracy of the checkpoint with the best validation accuracy (model
 selection, as the paper). With noisy labels the validation labels are noisy too:
 selection uses only what a practitioner has.
 
-1. gamma search: for each distance norm, the margin runs at --search_noise with
-   each gamma of --gamma_grid; the gamma with the best validation accuracy is used
-   for every later margin run of that norm. Gamma is in the units of the input
-   (images in [0, 1]), where the margin is enforced.
+1. search: for each distance norm, the margin runs at --search_noise with each
+   (gamma, alpha_factor) of --search_grid; the pair with the best validation
+   accuracy is used for every later margin run of that norm. Gamma is in the units
+   of the input (images in [0, 1]), where the margin is enforced. alpha_factor 1
+   clips the loss of misclassified examples (d < 0) to a constant: wrongly
+   labelled examples then give no gradient.
 2. (a) noisy labels: xent and the margin with each norm at each --noise_fractions.
 3. (b) training-set size: xent and the margin with --size_norm at each
    --train_sizes (class-balanced subsets; the full 55k is the 0 % noise point).
@@ -42,8 +44,10 @@ flags.DEFINE_integer("num_validation", 5000, "Validation examples (paper: 5000).
 flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate.")
 flags.DEFINE_float("xent_weight", 1., "Cross-entropy weight of the margin runs.")
 flags.DEFINE_list("norms", ["1", "2", "inf"], "Distance norms of the margin runs.")
-flags.DEFINE_string("gamma_grid", "1:3,10,30;2:0.5,2,8;inf:0.05,0.2,0.8",
-                    "Gammas tried per norm: 'norm:g,g,...;norm:...'.")
+flags.DEFINE_string("search_grid",
+                    "1:3,10,30,10/1;2:0.5,2,8,2/1;inf:0.05,0.2,0.8,0.2/1",
+                    "(gamma, alpha_factor) pairs tried per norm: "
+                    "'norm:gamma[/alpha],...;norm:...' (alpha_factor default 4).")
 flags.DEFINE_float("search_noise", 0.8, "Noisy-label fraction of the gamma search.")
 flags.DEFINE_list("noise_fractions", ["0", "0.2", "0.4", "0.6", "0.8"],
                   "Noisy-label fractions of sweep (a).")
@@ -54,19 +58,27 @@ FLAGS = flags.FLAGS
 
 MNIST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mnist.py")
 FULL = "full"
+DEFAULT_ALPHA_FACTOR = 4.
 # Test accuracy of the checkpoint with the best validation accuracy.
 SELECTED = "best_validation_test_accuracy"
 
 
-def parse_gamma_grid(text):
-  """'1:3,10;inf:0.1' -> {'1': [3., 10.], 'inf': [0.1]}."""
+def parse_search_grid(text):
+  """'1:3,10/1;inf:0.1' -> {'1': [(3., 4.), (10., 1.)], 'inf': [(0.1, 4.)]}."""
   grid = {}
   for item in text.split(";"):
-    norm, _, gammas = item.partition(":")
-    if not gammas:
-      raise ValueError(f"--gamma_grid item {item!r} is not 'norm:g,g,...'.")
-    grid[norm.strip()] = [float(g) for g in gammas.split(",")]
+    norm, _, candidates = item.partition(":")
+    if not candidates:
+      raise ValueError(f"--search_grid item {item!r} is not 'norm:gamma[/alpha],...'.")
+    grid[norm.strip()] = [
+        (float(gamma), float(alpha or DEFAULT_ALPHA_FACTOR))
+        for gamma, _, alpha in (c.partition("/") for c in candidates.split(","))]
   return grid
+
+
+def run_name(*run_flags):
+  """A directory name from mnist.py flags: 'loss=xent_noisy_label_fraction=0.4'."""
+  return "_".join(f.lstrip("-").replace(",", "+") for f in run_flags)
 
 
 def run(name, steps, *extra_flags):
@@ -90,47 +102,49 @@ def run(name, steps, *extra_flags):
     return json.load(f)
 
 
-def xent_flags():
-  return ["--loss=xent"]
-
-
-def margin_flags(norm, gamma):
+def margin_flags(norm, gamma, alpha_factor):
   return ["--loss=margin", f"--dist_norm={norm}", f"--gamma={gamma}",
-          f"--xent_weight={FLAGS.xent_weight}", "--margin_layers=input"]
+          f"--alpha_factor={alpha_factor}", f"--xent_weight={FLAGS.xent_weight}",
+          "--margin_layers=input"]
 
 
-def search_gammas(grid):
-  """{norm: gamma with the best validation accuracy at --search_noise}."""
+def search(grid):
+  """{norm: (gamma, alpha_factor) with the best validation accuracy at
+  --search_noise}."""
   chosen = {}
   for norm in FLAGS.norms:
-    scores = {gamma: run(f"search_l{norm}_gamma{gamma}", FLAGS.search_steps,
-                         f"--noisy_label_fraction={FLAGS.search_noise}",
-                         *margin_flags(norm, gamma))["best_validation_accuracy"]
-              for gamma in grid[norm]}
+    scores = {}
+    for gamma, alpha_factor in grid[norm]:
+      run_flags = [f"--noisy_label_fraction={FLAGS.search_noise}",
+                   *margin_flags(norm, gamma, alpha_factor)]
+      scores[gamma, alpha_factor] = run(
+          "search_" + run_name(*run_flags), FLAGS.search_steps,
+          *run_flags)["best_validation_accuracy"]
     chosen[norm] = max(scores, key=scores.get)
-    logging.info("l%s: validation accuracy per gamma %s -> gamma %s", norm, scores,
-                 chosen[norm])
+    logging.info("l%s: validation accuracy per (gamma, alpha_factor) %s -> %s", norm,
+                 scores, chosen[norm])
   return chosen
 
 
-def methods(norms, gammas):
+def methods(norms, chosen):
   """{column name: mnist.py flags} of xent and the margin with each norm."""
-  columns = {"xent": xent_flags()}
+  columns = {"xent": ["--loss=xent"]}
   for norm in norms:
-    columns[f"margin l{norm}"] = margin_flags(norm, gammas[norm])
+    columns[f"margin l{norm}"] = margin_flags(norm, *chosen[norm])
   return columns
 
 
-def point_run(column, column_flags, noise="0", size=FULL):
+def point_run(column_flags, noise="0", size=FULL):
   """Results of one method at one (noise fraction, training-set size)."""
   point_flags = [f"--noisy_label_fraction={noise}"]
   if size != FULL:
     point_flags.append(f"--num_train_examples={size}")
-  name = f"{column.replace(' ', '_')}_noise{noise}_size{size}"
-  return run(name, FLAGS.train_steps, *point_flags, *column_flags)
+  return run(run_name(*column_flags, *point_flags), FLAGS.train_steps,
+             *point_flags, *column_flags)
 
 
 def markdown_table(title, point_name, table, point_label):
+  """A markdown table of {point: {column: accuracy}} in percent."""
   columns = list(next(iter(table.values())))
   lines = [f"### {title}", "", "| " + " | ".join([point_name] + columns) + " |",
            "| " + " | ".join(["---"] * (len(columns) + 1)) + " |"]
@@ -164,20 +178,20 @@ def plot(noise_table, size_table, path):
 
 def main(_):
   start = time.time()
-  gammas = search_gammas(parse_gamma_grid(FLAGS.gamma_grid))
-  noise_columns = methods(FLAGS.norms, gammas)
-  noise_table = {noise: {c: point_run(c, f, noise=noise)[SELECTED]
+  chosen = search(parse_search_grid(FLAGS.search_grid))
+  noise_columns = methods(FLAGS.norms, chosen)
+  noise_table = {noise: {c: point_run(f, noise=noise)[SELECTED]
                          for c, f in noise_columns.items()}
                  for noise in FLAGS.noise_fractions}
   size_table = {}
   for size in FLAGS.train_sizes + [FULL]:
-    runs = {c: point_run(c, f, size=size)
-            for c, f in methods([FLAGS.size_norm], gammas).items()}
+    runs = {c: point_run(f, size=size)
+            for c, f in methods([FLAGS.size_norm], chosen).items()}
     size_table[str(runs["xent"]["num_train_examples"])] = {
         c: results[SELECTED] for c, results in runs.items()}
   report = "\n\n".join([
-      f"Gammas chosen on validation at {FLAGS.search_noise:.0%} noisy labels: " +
-      ", ".join(f"l{n}: {g}" for n, g in gammas.items()),
+      f"(gamma, alpha_factor) chosen on validation at {FLAGS.search_noise:.0%} "
+      "noisy labels: " + ", ".join(f"l{n}: {c}" for n, c in chosen.items()),
       markdown_table("(a) Noisy labels: clean test accuracy (%)", "noisy labels",
                      noise_table, lambda p: f"{float(p):.0%}"),
       markdown_table("(b) Training-set size: clean test accuracy (%)",

@@ -202,3 +202,63 @@ def test_imagenet_needs_a_data_source(tmp_path):
                  f"--data_source={tmp_path / 'missing'}"], check=False)
   assert process.returncode != 0
   assert "must be 'tfds' or a directory" in process.stderr
+
+
+@pytest.fixture
+def reproduce_mnist(monkeypatch):
+  """examples/reproduce_mnist.py imported, its flags parsed anew per test."""
+  monkeypatch.syspath_prepend(EXAMPLES)
+  import reproduce_mnist as module  # pylint: disable=import-outside-toplevel
+  yield module
+  module.FLAGS.unparse_flags()
+
+
+def fake_run(calls):
+  """A stand-in for reproduce_mnist.run: results from the flags, no training."""
+  def run_(name, steps, *run_flags):
+    values = dict(f.lstrip("-").split("=", 1) for f in run_flags)
+    calls.append((name, steps, values))
+    gamma = float(values.get("gamma", 0))
+    size = int(values.get("num_train_examples", 1000))
+    noise = float(values["noisy_label_fraction"])
+    accuracy = (0.5 if values["loss"] == "xent" else 0.6) - noise / 2 + size / 1e5
+    return {"best_validation_accuracy": -abs(gamma - 2.), "num_train_examples": size,
+            "best_validation_test_accuracy": accuracy}
+  return run_
+
+
+def test_reproduce_mnist_tables_and_selection(reproduce_mnist, monkeypatch, tmp_path):
+  calls = []
+  monkeypatch.setattr(reproduce_mnist, "run", fake_run(calls))
+  reproduce_mnist.FLAGS(["reproduce_mnist.py", f"--out_dir={tmp_path}",
+                         "--norms=2", "--search_grid=2:0.5,2/1,8",
+                         "--noise_fractions=0,0.8", "--train_sizes=68",
+                         "--size_norm=2"])
+  reproduce_mnist.main(None)
+  searched = [(v["gamma"], v["alpha_factor"]) for n, _, v in calls
+              if n.startswith("search_")]
+  assert searched == [("0.5", "4.0"), ("2.0", "1.0"), ("8.0", "4.0")]
+  margin_runs = [v for n, _, v in calls
+                 if not n.startswith("search_") and v["loss"] == "margin"]
+  assert {(v["gamma"], v["alpha_factor"]) for v in margin_runs} == {("2.0", "1.0")}
+  report = (tmp_path / "results.md").read_text()
+  assert "l2: (2.0, 1.0)" in report
+  assert "| 0% | 51.00 | 61.00 |" in report
+  assert "| 80% | 11.00 | 21.00 |" in report
+  assert "| 68 | 50.07 | 60.07 |" in report
+  assert "| 1000 | 51.00 | 61.00 |" in report  # the full set: the 0 % noise runs
+  assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_reproduce_mnist_end_to_end(tmp_path):
+  """Three real mnist.py runs: the search point and xent / margin at 0 % noise (the
+  full-size point of sweep (b) reuses them)."""
+  process = run([os.path.join(EXAMPLES, "reproduce_mnist.py"), f"--out_dir={tmp_path}",
+                 "--num_validation=300", "--train_steps=2", "--search_steps=2",
+                 "--steps_per_loop=1", "--batch_size=16", "--norms=inf",
+                 "--search_grid=inf:0.2", "--noise_fractions=0", "--train_sizes=",
+                 "--size_norm=inf"])
+  assert len(os.listdir(tmp_path / "runs")) == 3
+  report = (tmp_path / "results.md").read_text()
+  assert "| 0% |" in report and "| 9700 |" in report  # 10k sample - 300 validation
+  assert report in process.stdout
