@@ -72,8 +72,7 @@ class AdversarialTraining:
     steps = attacks.check_steps(steps)
     if step_size is not None:
       step_size = attacks.check_nonnegative("step_size", step_size)
-    if not clip_min < clip_max:
-      raise ValueError(f"clip_min must be < clip_max; got [{clip_min}, {clip_max}].")
+    attacks.check_clip_range(clip_min, clip_max)
     self.attack_config = dict(
         attack=attack, epsilon=epsilon, norm=float(norm) if norm == np.inf else 2,
         steps=steps, step_size=step_size, clip_min=float(clip_min),

@@ -63,10 +63,15 @@ def check_attack_norm(norm):
   return norm
 
 
-def check_data_range(x, clip_min, clip_max):
-  """Checks clip_min < clip_max and that ``x`` lies in [clip_min, clip_max]."""
+def check_clip_range(clip_min, clip_max):
+  """Checks clip_min < clip_max."""
   if not clip_min < clip_max:
     raise ValueError(f"clip_min must be < clip_max; got [{clip_min}, {clip_max}].")
+
+
+def check_data_range(x, clip_min, clip_max):
+  """Checks clip_min < clip_max and that ``x`` lies in [clip_min, clip_max]."""
+  check_clip_range(clip_min, clip_max)
   low, high = float(tf.reduce_min(x)), float(tf.reduce_max(x))
   if low < clip_min or high > clip_max:
     raise ValueError(
