@@ -8,9 +8,10 @@ the first ``--num_examples`` test examples:
 * black-box accuracy under the same attacks crafted on ``--source_model`` (Elsayed et
   al. 2018 transfer them from a cross-entropy model; not for the source model itself);
 * accuracy under additive Gaussian noise over the ``--sigmas`` grid;
-* margins of the correctly classified examples: first order (Eq. 10's distance, in
-  the ``--dist_norm`` norm) at each of ``--margin_layers``, and DeepFool's upper bound
-  on the input-space margin (see `tf_large_margin.margins`).
+* margins of the correctly classified examples, in the ``--dist_norm`` norm: first
+  order (Eq. 10's distance) at each of ``--margin_layers``, the linearised-logit
+  distance in the input space and DeepFool's upper bound on the input-space margin
+  (see `tf_large_margin.margins`).
 
 Writes to ``--output_dir``: ``eval.json``, ``accuracy_vs_epsilon.png`` (one curve per
 model; black-box dashed), ``gaussian_noise.png`` and ``margins_<model>.png``
@@ -69,6 +70,8 @@ flags.DEFINE_string("output_dir", "eval", "Directory of eval.json and the plots.
 
 WHITE_BOX_ATTACKS = ("fgsm", "iterative_fgsm")
 ATTACK_TITLES = {"fgsm": "FGSM", "iterative_fgsm": "Iterative FGSM"}
+ESTIMATE_TITLES = {margins.LINEARIZED: "input (linearised logits)",
+                   margins.DEEPFOOL: "input (DeepFool)"}
 
 
 def progress(message):
@@ -116,8 +119,9 @@ def accuracy_curve(model, dataset, attack, values, source_model=None):
       kwargs = dict(epsilon=value)
     curve[str(value)] = attacks.robust_accuracy(
         model, dataset, attack, source_model=source_model, seed=FLAGS.seed, **kwargs)
-    box = "white-box" if source_model is None else "black-box"
-    progress(f"  {attack} ({box}) {value:g}: accuracy {curve[str(value)]:.4f} "
+    box = "" if attack == "gaussian" else (
+        " (white-box)" if source_model is None else " (black-box)")
+    progress(f"  {attack}{box} {value:g}: accuracy {curve[str(value)]:.4f} "
              f"({time.time() - start:.1f} s)")
   return curve
 
@@ -204,9 +208,8 @@ def plot_margin_histograms(name, values, path):
       axis.set_xscale("log")
       axis.axvline(np.median(kept), color="tab:red", label=f"median {np.median(kept):.3g}")
       axis.legend()
-    kind = "DeepFool" if estimate == margins.DEEPFOOL else "first order"
-    layer = "input" if estimate == margins.DEEPFOOL else estimate
-    axis.set_title(f"{name}: {layer} ({kind})")
+    title = ESTIMATE_TITLES.get(estimate, f"{estimate} (first order, Eq. 10)")
+    axis.set_title(f"{name}: {title}")
     axis.set_xlabel(f"margin (l_{FLAGS.dist_norm} distance)")
     axis.set_ylabel("correct test examples")
   figure.tight_layout()

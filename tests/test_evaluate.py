@@ -71,7 +71,7 @@ def test_report_keys(evaluation):
     assert sorted(curves) == ["fgsm", "iterative_fgsm"]
     assert sorted(curves["fgsm"]) == ["0.0", "0.1"]
   assert sorted(margin_result["gaussian"]) == ["0.3"]
-  assert sorted(margin_result["margins"]) == ["deepfool", "fc0", "input"]
+  assert sorted(margin_result["margins"]) == ["deepfool", "fc0", "input", "linearized"]
   assert sorted(margin_result["margins"]["input"]["fraction_below"]) == ["0.5"]
 
 
@@ -94,7 +94,7 @@ def test_report_values_equal_the_library(evaluation):
   values = margins.dataset_margins(target, dataset, ["input", "fc0"], dist_norm=2,
                                    deepfool_steps=10)
   summary = margins.summarize_margins(values, thresholds=[0.5])
-  for name in ("input", "fc0", "deepfool"):
+  for name in ("input", "fc0", "linearized", "deepfool"):
     assert result["margins"][name]["count"] == round(clean * NUM_EXAMPLES)
     assert result["margins"][name]["median"] == pytest.approx(summary[name]["median"],
                                                               rel=1e-5)

@@ -30,11 +30,12 @@ def affine_problem(classes, n=12, seed=0):
 
 
 def exact_distance(w, b, x, labels, norm):
-  """min_{k != y} |(w_y - w_k) x + b_y - b_k| / ||w_y - w_k||_q, in float64."""
+  """min_{k != y} ((w_y - w_k) x + b_y - b_k) / ||w_y - w_k||_q, in float64: the
+  exact distance to the boundary for correct labels, negative for wrong ones."""
   z = x.astype(np.float64) @ w + b
   distances = []
   for z_i, y in zip(z, labels):
-    distances.append(min(abs(z_i[y] - z_i[k]) / np.linalg.norm(w[:, y] - w[:, k], DUAL[norm])
+    distances.append(min((z_i[y] - z_i[k]) / np.linalg.norm(w[:, y] - w[:, k], DUAL[norm])
                          for k in range(w.shape[1]) if k != y))
   return np.array(distances)
 
@@ -45,6 +46,12 @@ def test_deepfool_is_exact_on_an_affine_classifier(norm):
   model = dense_model(w, b)
   labels = np.argmax(model(x), axis=1)
   exact = exact_distance(w, b, x, labels, norm)
+  np.testing.assert_allclose(margins.linearized_margins(model, x, labels, norm), exact,
+                             rtol=1e-4)
+  wrong = (labels + 1) % 4
+  signed = margins.linearized_margins(model, x, wrong, norm)
+  np.testing.assert_allclose(signed, exact_distance(w, b, x, wrong, norm), rtol=1e-4)
+  assert np.all(signed < 0)
   x_adv, distances = margins.deepfool(model, x, labels, norm=norm, overshoot=0.02)
   np.testing.assert_allclose(distances, 1.02 * exact, rtol=1e-4)
   assert np.all(np.argmax(model(x_adv), axis=1) != labels)
@@ -175,7 +182,10 @@ def test_dataset_margins_and_summaries():
   result = margins.dataset_margins(model, dataset, layers=["input"], dist_norm=np.inf,
                                    progress=seen.append)
   assert seen == [0, 1, 2, 3]
-  assert sorted(result) == ["correct", "deepfool", "input"]
+  assert sorted(result) == ["correct", "deepfool", "input", "linearized"]
+  np.testing.assert_allclose(result["linearized"],
+                             margins.linearized_margins(model, x, labels, np.inf),
+                             rtol=1e-6)
   np.testing.assert_array_equal(result["correct"], np.arange(30) >= 6)
   direct, _ = margins.first_order_margins(model, x, labels, dist_norm=np.inf)
   np.testing.assert_allclose(result["input"], direct["input"], rtol=1e-6)
@@ -218,6 +228,8 @@ class TestErrors:
       margins.deepfool(self.model, self.x, self.labels, norm=norm)
     with pytest.raises(ValueError, match="1, 2 or np.inf"):
       margins.first_order_margins(self.model, self.x, self.labels, dist_norm=norm)
+    with pytest.raises(ValueError, match="1, 2 or np.inf"):
+      margins.linearized_margins(self.model, self.x, self.labels, norm=norm)
 
   def test_bad_arguments(self):
     with pytest.raises(ValueError, match="max_iter"):
@@ -233,8 +245,9 @@ class TestErrors:
         margins.first_order_margins(self.model, self.x, self.labels, top_k=top_k)
     with pytest.raises(ValueError, match="quantiles"):
       margins.summarize([1.], quantiles=[1.5])
-    with pytest.raises(ValueError, match="reserved"):
-      margins.dataset_margins(self.model, [], layers=["correct"])
+    for name in ("correct", "deepfool", "linearized"):
+      with pytest.raises(ValueError, match="reserved"):
+        margins.dataset_margins(self.model, [], layers=["input", name])
     with pytest.raises(ValueError, match="empty"):
       margins.dataset_margins(self.model, [])
 

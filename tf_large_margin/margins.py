@@ -1,6 +1,6 @@
 """Per-example margin estimates of a trained model and their summaries.
 
-Two estimates of the distance of an example to the decision boundary:
+Three estimates of the distance of an example to the decision boundary:
 
 * First order, at any layer h (Elsayed et al. 2018, Eq. 7/10), computed by
   `tf_large_margin.margin.margin_distances`:
@@ -11,7 +11,18 @@ Two estimates of the distance of an example to the decision boundary:
   the ``top_k`` most probable others). It is negative for misclassified examples. For
   an affine two-class model with logit gap u = z_y - z_j, p_y - p_j = tanh(u / 2), so
   d = sinh(u) / ||w_y - w_j||_q: the exact distance u / ||w_y - w_j||_q to first
-  order in u, with the same sign and zero set, and never smaller in magnitude.
+  order in u, with the same sign and zero set, and never smaller in magnitude. With
+  more classes the gradient of p_y - p_j also involves the other classes' weights,
+  so the estimate is not the logit-space distance even near the boundary. Far from
+  it the softmax saturates (grad p -> 0) and the estimate grows like sinh(u): a good
+  training signal, a poor distance for confidently classified examples.
+
+* Linearised logits, in the input space: the first-order distance of the logit
+  differences (the length of DeepFool's first step, below),
+
+      d = min_{k != y} (z_y - z_k) / || grad_x (z_y - z_k) ||_q,
+
+  exact for an affine classifier.
 
 * DeepFool (Moosavi-Dezfooli, Fawzi, Frossard, "DeepFool: a simple and accurate method
   to fool deep neural networks", CVPR 2016, Algorithm 2 with the l_p steps of
@@ -44,7 +55,10 @@ from tf_large_margin import models
 
 INPUT = models.INPUT
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
+CORRECT = "correct"
 DEEPFOOL = "deepfool"
+LINEARIZED = "linearized"
+RESERVED = (CORRECT, DEEPFOOL, LINEARIZED)
 
 _ENDPOINTS = weakref.WeakKeyDictionary()
 
@@ -148,17 +162,21 @@ def _logits_and_class_gradients(model, x):
   return logits, gradients
 
 
-def deepfool_step(logits, gradients, labels, norm):
-  """One DeepFool step from the linearisation at the current point.
+def linearized_boundaries(logits, gradients, labels, norm):
+  """The decision boundaries y/k of the model linearised at the current point.
 
-      f_k = z_k - z_y, w_k = grad z_k - grad z_y
-      l = argmin_{k != y} |f_k| / ||w_k||_q
-      r = |f_l| / ||w_l||_q * u,  u = argmax_{||u||_p <= 1} <w_l, u>
+      f_k = z_k - z_y,  w_k = grad z_k - grad z_y,
+      d_k = -f_k / ||w_k||_q  (signed l_p distance to the linearised boundary y/k)
 
-  so that <w_l, r> = |f_l|: r reaches the linearised boundary y/l (r = 0 if w_l = 0).
+  Args:
+    logits: [batch, classes].
+    gradients: [batch, classes, ...], grad_x z_k for every class k.
+    labels: [batch] int32 labels y.
+    norm: p, 1, 2 or np.inf.
 
   Returns:
-    r, shaped as one example of ``gradients`` per row ([batch, ...]).
+    ``(f, w, d)``: [batch, classes], [batch, classes, ...] and [batch, classes];
+    d is inf at k = y and where w_k = 0.
   """
   num_classes = logits.shape[1]
   label_mask = tf.one_hot(labels, num_classes) > 0.
@@ -168,14 +186,61 @@ def deepfool_step(logits, gradients, labels, norm):
   w_norms = tf.reshape(
       margin.flat_norm(tf.reshape(w, [-1, dimension]), margin.dual_norm(norm)),
       [-1, num_classes])
-  linear_distances = tf.where(label_mask | (w_norms == 0.), np.inf,
-                              tf.abs(f) / tf.where(w_norms == 0., 1., w_norms))
-  closest = tf.argmin(linear_distances, axis=1, output_type=tf.int32)
-  f_l = tf.gather(f, closest, axis=1, batch_dims=1)
+  distances = tf.where(label_mask | (w_norms == 0.), np.inf,
+                       -f / tf.where(w_norms == 0., 1., w_norms))
+  return f, w, distances
+
+
+def deepfool_step(logits, gradients, labels, norm):
+  """One DeepFool step: onto the closest linearised boundary (`linearized_boundaries`).
+
+      l = argmin_{k != y} |d_k|,  r = |d_l| * u,  u = argmax_{||u||_p <= 1} <w_l, u>
+
+  so that <w_l, r> = |f_l|: r reaches the linearised boundary y/l (r = 0 if no
+  boundary is reachable, w = 0).
+
+  Returns:
+    r, shaped as one example of ``gradients`` per row ([batch, ...]).
+  """
+  _, w, distances = linearized_boundaries(logits, gradients, labels, norm)
+  lengths = tf.abs(distances)
+  closest = tf.argmin(lengths, axis=1, output_type=tf.int32)
+  length = tf.gather(lengths, closest, axis=1, batch_dims=1)
+  length = tf.where(tf.math.is_inf(length), 0., length)
   w_l = tf.gather(w, closest, axis=1, batch_dims=1)
-  norm_l = tf.gather(w_norms, closest, axis=1, batch_dims=1)
-  length = tf.math.divide_no_nan(tf.abs(f_l), norm_l)
   return attacks.expand_to(length, w_l) * attacks.steepest_ascent_direction(w_l, norm)
+
+
+@tf.function(reduce_retracing=True)
+def _linearized_graph(model, x, labels, norm):
+  """min_k d_k of `linearized_boundaries` at x: [batch]."""
+  logits, gradients = _logits_and_class_gradients(model, x)
+  _, _, distances = linearized_boundaries(logits, gradients, labels, norm)
+  return tf.reduce_min(distances, axis=1)
+
+
+def linearized_margins(model, x, labels, norm=2):
+  """First-order input-space margin on the logits (DeepFool's first step length).
+
+      d = min_{k != y} (z_y - z_k) / || grad_x (z_y - z_k) ||_q
+
+  Exact for an affine classifier; negative where misclassified. Unlike the
+  probability-based estimate of Eq. 10 (`first_order_margins`), it does not grow
+  without bound as the softmax saturates.
+
+  Args:
+    model: a Keras model returning [batch, classes] logits.
+    x: [batch, ...] float inputs.
+    labels: [batch] integer labels.
+    norm: 1, 2 or np.inf.
+
+  Returns:
+    A [batch] numpy array.
+  """
+  margin.dual_norm(norm)
+  x = tf.convert_to_tensor(x, tf.float32)
+  labels, _ = attacks.check_logits_and_labels(model, x, labels)
+  return _linearized_graph(model, x, labels, norm).numpy()
 
 
 @tf.function(reduce_retracing=True)
@@ -243,15 +308,17 @@ def dataset_margins(model, dataset, layers=(INPUT,), dist_norm=2, deepfool_steps
 
   Returns:
     A dict of [N] numpy arrays: "correct" (bool), one entry per layer name (the
-    first-order margins) and, unless ``deepfool_steps`` is 0, "deepfool".
+    first-order margins of `first_order_margins`), "linearized"
+    (`linearized_margins`) and, unless ``deepfool_steps`` is 0, "deepfool".
   """
   layers = _check_layers(layers)
-  if DEEPFOOL in layers or "correct" in layers:
-    raise ValueError(f"Layer names 'deepfool' and 'correct' are reserved; got {layers}.")
+  if set(layers) & set(RESERVED):
+    raise ValueError(f"The names {RESERVED} are reserved; got layers {layers}.")
   parts = {}
   for i, (x, labels) in enumerate(dataset):
     distances, correct = first_order_margins(model, x, labels, layers, dist_norm)
-    distances["correct"] = correct
+    distances[CORRECT] = correct
+    distances[LINEARIZED] = linearized_margins(model, x, labels, dist_norm)
     if deepfool_steps:
       distances[DEEPFOOL] = deepfool(model, x, labels, dist_norm, deepfool_steps,
                                      overshoot)[1]
@@ -295,10 +362,10 @@ def summarize_margins(margins, only_correct=True, quantiles=QUANTILES, threshold
     quantiles, thresholds: as `summarize`.
 
   Returns:
-    A dict from estimate name (layer names and "deepfool") to its summary.
+    A dict from estimate name (layer names, "linearized", "deepfool") to its summary.
   """
-  if "correct" not in margins:
+  if CORRECT not in margins:
     raise ValueError("margins must be a dataset_margins result (no 'correct' key).")
-  keep = margins["correct"] if only_correct else np.ones_like(margins["correct"])
+  keep = margins[CORRECT] if only_correct else np.ones_like(margins[CORRECT])
   return {name: summarize(values[keep], quantiles, thresholds)
-          for name, values in margins.items() if name != "correct"}
+          for name, values in margins.items() if name != CORRECT}
