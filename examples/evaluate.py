@@ -195,10 +195,14 @@ def plot_gaussian(results, path):
 def plot_margin_histograms(name, values, path):
   """One histogram per estimate (layers, DeepFool) over the correctly classified
   examples (DeepFool: those it flipped)."""
-  estimates = [key for key in values if key != "correct"]
-  figure, axes = pyplot.subplots(1, len(estimates), figsize=(4.5 * len(estimates), 3.8),
+  estimates = [key for key in values if key != margins.CORRECT]
+  columns = min(3, len(estimates))
+  rows = -(-len(estimates) // columns)
+  figure, axes = pyplot.subplots(rows, columns, figsize=(5 * columns, 3.8 * rows),
                                  squeeze=False)
-  for axis, estimate in zip(axes[0], estimates):
+  for axis in axes.flat[len(estimates):]:
+    axis.set_visible(False)
+  for axis, estimate in zip(axes.flat, estimates):
     kept = values[estimate][values["correct"]]
     kept = kept[np.isfinite(kept) & (kept > 0)]
     if kept.size:
