@@ -21,5 +21,9 @@ setuptools.setup(
         "numpy>=1.26",
         "absl-py>=2.0",
     ],
-    extras_require={"test": ["pytest>=8", "pytest-xdist>=3"]},
+    extras_require={
+        # The example scripts' plots (evaluate.py, reproduce_mnist.py).
+        "examples": ["matplotlib>=3.8"],
+        "test": ["pytest>=8", "matplotlib>=3.8"],
+    },
 )
