@@ -318,19 +318,28 @@ def read_history(path):
 
 
 def make_callbacks(directory, has_validation):
-  """Logs, resumable backup and (with validation) the best-on-validation weights."""
+  """Logs, resumable backup and (with validation) the best-on-validation weights.
+
+  Without a backup to resume from, the run starts afresh: the history and best
+  weights of an earlier finished run in ``directory`` are removed.
+  """
   history_path = os.path.join(directory, "history.csv")
+  best_path = os.path.join(directory, "best.weights.h5")
+  backup_dir = os.path.join(directory, "backup")
+  if not os.path.exists(backup_dir):
+    for path in (history_path, best_path):
+      if os.path.exists(path):
+        os.remove(path)
   callbacks = [
       keras.callbacks.TensorBoard(os.path.join(directory, "tensorboard")),
       keras.callbacks.CSVLogger(history_path, append=True),
-      keras.callbacks.BackupAndRestore(os.path.join(directory, "backup"),
-                                       double_checkpoint=True),
+      keras.callbacks.BackupAndRestore(backup_dir, double_checkpoint=True),
   ]
   if has_validation:
     best_so_far = max((row["val_accuracy"] for row in read_history(history_path)),
                       default=None)
     callbacks.append(keras.callbacks.ModelCheckpoint(
-        os.path.join(directory, "best.weights.h5"), monitor="val_accuracy",
+        best_path, monitor="val_accuracy",
         mode="max", save_best_only=True, save_weights_only=True,
         initial_value_threshold=best_so_far))
   return callbacks
