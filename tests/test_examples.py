@@ -6,6 +6,7 @@ configured before TensorFlow starts.
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import zipfile
@@ -52,6 +53,12 @@ def run(args, check=True):
   if check:
     assert process.returncode == 0, process.stdout[-2000:] + process.stderr[-3000:]
   return process
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
 
 
 def run_example(script, model_dir, *flags):
@@ -130,6 +137,27 @@ def test_mnist_mirrored_on_two_logical_cpus(tmp_path):
                                 "--num_logical_cpus=2")
   check_common_results(results, stdout, tmp_path)
   assert results["num_replicas"] == 2
+
+
+def test_mnist_multi_worker_two_processes(tmp_path):
+  """Two local workers; the chief (worker 0) writes the results, worker 1 its own
+  scratch directory."""
+  cluster = {"worker": [f"127.0.0.1:{free_port()}" for _ in range(2)]}
+  workers = [subprocess.Popen(
+      [sys.executable, os.path.join(EXAMPLES, "mnist.py"), f"--model_dir={tmp_path}",
+       "--strategy=multi_worker", *FAST],
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TF_CONFIG=json.dumps(
+          {"cluster": cluster, "task": {"type": "worker", "index": i}})),
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  outputs = [worker.communicate(timeout=300)[0] for worker in workers]
+  for worker, output in zip(workers, outputs):
+    assert worker.returncode == 0, output[-3000:]
+  with open(tmp_path / "results.json", encoding="utf-8") as f:
+    results = json.load(f)
+  check_common_results(results, outputs[0], tmp_path)
+  assert results["num_replicas"] == 2
+  scratch = tmp_path / "workers" / "worker_1"
+  assert (scratch / "model.keras").exists() and not (scratch / "results.json").exists()
 
 
 def test_killed_run_resumes_where_it_stopped(tmp_path):
