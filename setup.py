@@ -20,6 +20,7 @@ setuptools.setup(
         "tensorflow-datasets>=4.9",
         "numpy>=1.26",
         "absl-py>=2.0",
+        "tensorboard>=2.20",  # the example scripts' TensorBoard logs
     ],
     extras_require={
         # The example scripts' plots (evaluate.py, reproduce_mnist.py).

@@ -77,9 +77,11 @@ def test_other_losses_train_as_keras_model():
   x, y = data()
   model = tlm.MarginModel(*functional(), margin_layers=["conv0"])
   reference = keras.Model(*functional())
-  for m in (model, reference):
+  logs = {}
+  for name, m in (("margin_model", model), ("keras_model", reference)):
     m.compile(keras.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy")
-    m.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
+    logs[name] = m.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False).history
+  assert set(logs["margin_model"]) == {"loss"}  # no margin / xent logs
   for a, b in zip(model.get_weights(), reference.get_weights()):
     np.testing.assert_allclose(a, b, atol=1e-6)
 

@@ -139,6 +139,14 @@ class MarginTraining(TotalLossStep):
   def has_total_loss(self):
     return self.margin_loss is not None
 
+  @property
+  def metrics(self):
+    """Keras' metrics, with ``margin`` and ``xent`` only under a margin loss."""
+    metrics = super().metrics
+    if self.has_total_loss():
+      return metrics
+    return [m for m in metrics if m not in (self._margin_tracker, self._xent_tracker)]
+
   def total_loss(self, x, y, sample_weight=None, training=False):
     """Total loss of one batch and its logits (the step's forward pass).
 
