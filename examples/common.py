@@ -28,7 +28,6 @@ import tensorflow as tf
 import tf_large_margin as tlm
 from tf_large_margin import datasets
 from tf_large_margin.optimizers import RMSpropTF1
-from tf_large_margin.output_margin import multiclass_hinge
 from tf_large_margin.regularizers import apply_weight_decay
 
 FLAGS = flags.FLAGS
@@ -48,7 +47,18 @@ flags.DEFINE_integer("num_train_examples", 0, "Class-balanced training subset si
 flags.DEFINE_integer("seed", 0, "Seed of the split, noise, subset, shuffling and "
                      "initialisation.")
 # Loss.
-flags.DEFINE_enum("loss", "margin", ["xent", "hinge", "margin"], "Training loss.")
+flags.DEFINE_enum("loss", "margin", ["xent", "hinge", "margin", "jacobian", "amsoftmax",
+                                      "arcface"],
+                  "Training loss: cross-entropy, Crammer-Singer hinge (+ --xent_weight "
+                  "xent), Eq. 10 margin, hinge + Jacobian regulariser (Sokolic et al.), "
+                  "AM-Softmax/CosFace or ArcFace on a CosineHead replacing the logits "
+                  "layer.")
+flags.DEFINE_float("jacobian_weight", 0.1, "--loss=jacobian: regulariser weight lambda.")
+flags.DEFINE_enum("jacobian_variant", "random", ["random", "all"],
+                  "--loss=jacobian: one random class row per example, or all rows.")
+flags.DEFINE_float("cosine_margin", None, "--loss=amsoftmax|arcface: margin m "
+                   "(default 0.35 / 0.5).")
+flags.DEFINE_float("cosine_scale", 30., "--loss=amsoftmax|arcface: scale s.")
 flags.DEFINE_float("gamma", 1e4, "Margin gamma, in the units of the margin layers.")
 flags.DEFINE_float("alpha_factor", 4., "Distances are clipped below at "
                    "gamma * (1 - alpha_factor).")
@@ -207,35 +217,19 @@ def numpy_pipelines(splits, augment=None):
 # ---------------------------------------------------------------------------
 
 
-@keras.saving.register_keras_serializable(package="tf_large_margin_examples")
-class HingeWithCrossEntropy(keras.losses.Loss):
-  """Multi-class hinge (Crammer-Singer) + xent_weight * cross-entropy, on logits.
-
-  The paper's second baseline: a hinge loss with a small cross-entropy weight.
-  """
-
-  def __init__(self, xent_weight=0.1, margin=1., name="hinge_xent", **kwargs):
-    super().__init__(name=name, **kwargs)
-    self.xent_weight = float(xent_weight)
-    self.margin = float(margin)
-
-  def call(self, y_true, y_pred):
-    hinge = multiclass_hinge(y_true, y_pred, margin=self.margin)
-    xent = keras.losses.sparse_categorical_crossentropy(y_true, y_pred,
-                                                        from_logits=True)
-    return hinge + self.xent_weight * xent
-
-  def get_config(self):
-    return dict(super().get_config(), xent_weight=self.xent_weight,
-                margin=self.margin)
+COSINE_LOSSES = {"amsoftmax": tlm.AMSoftmax, "arcface": tlm.ArcFace}
 
 
 def make_loss():
   """The --loss with its flags."""
   if FLAGS.loss == "xent":
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-  if FLAGS.loss == "hinge":
-    return HingeWithCrossEntropy(FLAGS.xent_weight)
+  if FLAGS.loss in ("hinge", "jacobian"):
+    return tlm.MulticlassHinge(cross_entropy_weight=FLAGS.xent_weight)
+  if FLAGS.loss in COSINE_LOSSES:
+    loss = COSINE_LOSSES[FLAGS.loss]
+    margin = {} if FLAGS.cosine_margin is None else dict(margin=FLAGS.cosine_margin)
+    return loss(scale=FLAGS.cosine_scale, **margin)
   dist_norm = np.inf if FLAGS.dist_norm == "inf" else int(FLAGS.dist_norm)
   return tlm.LargeMarginLoss(
       gamma=FLAGS.gamma, alpha_factor=FLAGS.alpha_factor, top_k=FLAGS.top_k,
@@ -278,12 +272,28 @@ def margin_layer_names(all_layers):
   return names
 
 
-def compile_model(network, all_margin_layers, train_steps):
-  """Wraps ``network`` (logits output) in a MarginModel and compiles it (call under
-  the strategy's scope)."""
-  model = tlm.MarginModel.from_model(
+def wrap_network(network, all_margin_layers):
+  """The model --loss trains: a MarginModel around ``network`` (logits output), a
+  JacobianModel (features = the input of the last layer), or, for the cosine
+  losses, a MarginModel whose last layer is replaced by a `CosineHead`."""
+  if FLAGS.loss == "jacobian":
+    return tlm.JacobianModel(network.inputs, network.outputs[0],
+                             feature_layer=network.layers[-2].name,
+                             jacobian_weight=FLAGS.jacobian_weight,
+                             variant=FLAGS.jacobian_variant, seed=FLAGS.seed)
+  if FLAGS.loss in COSINE_LOSSES:
+    head = network.layers[-1]
+    outputs = tlm.CosineHead(head.units, name=f"{head.name}_cosine")(head.input)
+    network = keras.Model(network.inputs, outputs, name=network.name)
+  return tlm.MarginModel.from_model(
       network, margin_layers=margin_layer_names(all_margin_layers),
       layers_weights=None if FLAGS.layers_weights == "none" else FLAGS.layers_weights)
+
+
+def compile_model(network, all_margin_layers, train_steps):
+  """Wraps ``network`` (logits output) as --loss needs (`wrap_network`) and compiles
+  it (call under the strategy's scope)."""
+  model = wrap_network(network, all_margin_layers)
   if FLAGS.weight_decay:
     apply_weight_decay(model, FLAGS.weight_decay)
   model.compile(make_optimizer(train_steps), loss=make_loss(), metrics=["accuracy"])

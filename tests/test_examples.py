@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 # Register the classes saved models refer to.
-import tf_large_margin  # pylint: disable=unused-import
+import tf_large_margin as tlm
 import tf_large_margin.optimizers  # pylint: disable=unused-import
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -106,15 +106,21 @@ def test_mnist_margin_with_validation_noise_and_subset(tmp_path):
   assert int(model.optimizer.iterations) == 4
 
 
-@pytest.mark.parametrize("loss", ["xent", "hinge"])
-def test_mnist_baselines(tmp_path, loss):
+@pytest.mark.parametrize("loss,expected", [
+    ("xent", "SparseCategoricalCrossentropy"), ("hinge", "MulticlassHinge"),
+    ("jacobian", "MulticlassHinge"), ("amsoftmax", "AMSoftmax"),
+    ("arcface", "ArcFace")])
+def test_mnist_other_losses(tmp_path, loss, expected):
   results, stdout = run_example("mnist.py", tmp_path, *FAST, f"--loss={loss}",
                                 "--xent_weight=0.1")
   check_common_results(results, stdout, tmp_path)
   assert results["history"][0]["loss"] > 0
-  expected = {"xent": "SparseCategoricalCrossentropy",
-              "hinge": "HingeWithCrossEntropy"}[loss]
   assert compiled_loss_name(tmp_path / "model.keras") == expected
+  model = keras.saving.load_model(tmp_path / "model.keras")
+  if loss == "jacobian":
+    assert isinstance(model, tlm.JacobianModel) and model.feature_layer == "fc0"
+  if loss in ("amsoftmax", "arcface"):
+    assert isinstance(model.layers[-1], tlm.CosineHead)
 
 
 def test_mnist_original_config_and_overrides(tmp_path):

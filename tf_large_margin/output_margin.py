@@ -187,6 +187,9 @@ class MulticlassHinge(keras.losses.Loss):
     Args:
         variant: `"crammer_singer"` (default) or `"weston_watkins"`.
         margin: Non-negative margin. Default `1.0`.
+        cross_entropy_weight: weight of a softmax cross-entropy added to the
+            hinge (the paper's second baseline: hinge + a small cross-entropy
+            weight). Default `0.0`.
         reduction: Keras reduction, default `"sum_over_batch_size"`.
         name: Loss name.
         dtype: Loss computation dtype.
@@ -203,6 +206,7 @@ class MulticlassHinge(keras.losses.Loss):
         self,
         variant="crammer_singer",
         margin=1.0,
+        cross_entropy_weight=0.0,
         reduction="sum_over_batch_size",
         name="multiclass_hinge",
         dtype=None,
@@ -210,15 +214,28 @@ class MulticlassHinge(keras.losses.Loss):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         self.variant = _check_variant(variant)
         self.margin = _check_real("margin", margin)
+        self.cross_entropy_weight = _check_real(
+            "cross_entropy_weight", cross_entropy_weight
+        )
 
     def call(self, y_true, y_pred):
-        return multiclass_hinge(
+        loss = multiclass_hinge(
             y_true, y_pred, variant=self.variant, margin=self.margin
         )
+        if self.cross_entropy_weight:
+            one_hot = _one_hot_like(y_true, y_pred)
+            loss += self.cross_entropy_weight * _softmax_xent(one_hot, y_pred)
+        return loss
 
     def get_config(self):
         config = super().get_config()
-        config.update({"variant": self.variant, "margin": self.margin})
+        config.update(
+            {
+                "variant": self.variant,
+                "margin": self.margin,
+                "cross_entropy_weight": self.cross_entropy_weight,
+            }
+        )
         return config
 
 
