@@ -5,8 +5,10 @@ import setuptools
 setuptools.setup(
     name="tf_large_margin",
     version="0.1.0",
-    description=("Large-margin losses (Elsayed et al. 2018) and related margin methods "
-                 "for Keras 3 on TensorFlow."),
+    description=(
+        "Large-margin losses (Elsayed et al. 2018) and related margin methods "
+        "for Keras 3 on TensorFlow."
+    ),
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=setuptools.find_packages(include=["tf_large_margin", "tf_large_margin.*"]),

@@ -33,22 +33,39 @@ FLAGS = flags.FLAGS
 MARGIN_LAYERS = ["input", "conv0", "conv1"]
 
 
-def original_large_margin(logits, one_hot_labels, layers_list, layers_weights, *,
-                          gamma, alpha_factor, top_k, dist_norm, epsilon):
+def original_large_margin(
+    logits,
+    one_hot_labels,
+    layers_list,
+    layers_weights,
+    *,
+    gamma,
+    alpha_factor,
+    top_k,
+    dist_norm,
+    epsilon,
+):
   """The original TF1 construction: tf.gradients per layer and per class."""
   probs = tf.nn.softmax(logits)
   differences, _ = margin.top_k_probability_differences(probs, one_hot_labels, top_k)
   dual = margin.dual_norm(dist_norm)
   losses = []
   for weight, layer in zip(layers_weights, layers_list):
-    norms = tf.concat([
-        tf.map_fn(lambda g: tf.norm(g, ord=dual),
-                  tf.reshape(tf.gradients(differences[:, i], layer)[0],
-                             [tf.shape(layer)[0], -1]))[:, None] / weight
-        for i in range(top_k)], axis=1)
+    norms = tf.concat(
+        [
+            tf.map_fn(
+                lambda g: tf.norm(g, ord=dual),
+                tf.reshape(
+                    tf.gradients(differences[:, i], layer)[0], [tf.shape(layer)[0], -1]
+                ),
+            )[:, None]
+            / weight
+            for i in range(top_k)
+        ],
+        axis=1,
+    )
     distances = differences / (tf.stop_gradient(norms) + epsilon)
-    losses.append(tf.reduce_mean(
-        margin.distance_loss(distances, gamma, alpha_factor)))
+    losses.append(tf.reduce_mean(margin.distance_loss(distances, gamma, alpha_factor)))
   return tf.reduce_mean(losses)
 
 
@@ -61,10 +78,16 @@ class OriginalFormulation(tlm.MarginModel):
     logits, hidden = self.margin_endpoints(x, training=training)
     layers_list = [x] + hidden
     loss = original_large_margin(
-        logits, tf.one_hot(tf.cast(y, tf.int32), 10), layers_list,
+        logits,
+        tf.one_hot(tf.cast(y, tf.int32), 10),
+        layers_list,
         self._layers_weights(layers_list),
-        **{k: v for k, v in self.margin_loss.margin_kwargs.items()
-           if k in ("gamma", "alpha_factor", "top_k", "dist_norm", "epsilon")})
+        **{
+            k: v
+            for k, v in self.margin_loss.margin_kwargs.items()
+            if k in ("gamma", "alpha_factor", "top_k", "dist_norm", "epsilon")
+        },
+    )
     self._loss_tracker.update_state(loss)
     return loss, logits
 
@@ -84,8 +107,10 @@ def activation_backward_time(x, steps):
   """Median time of one backward pass from the logits to the margin layers."""
   keras.utils.set_random_seed(0)
   network = architectures.mnist_cnn()
-  endpoints = keras.Model(network.inputs, [network.output] + [
-      network.get_layer(name).output for name in MARGIN_LAYERS[1:]])
+  endpoints = keras.Model(
+      network.inputs,
+      [network.output] + [network.get_layer(name).output for name in MARGIN_LAYERS[1:]],
+  )
   cotangent = tf.ones([x.shape[0], 10])
 
   @tf.function
@@ -114,8 +139,9 @@ def activation_backward_time(x, steps):
 
 def build(cls, loss):
   keras.utils.set_random_seed(0)
-  model = cls.from_model(architectures.mnist_cnn(), margin_layers=MARGIN_LAYERS,
-                         layers_weights="size")
+  model = cls.from_model(
+      architectures.mnist_cnn(), margin_layers=MARGIN_LAYERS, layers_weights="size"
+  )
   model.compile(keras.optimizers.RMSprop(1e-3), loss=loss)
   return model
 
@@ -124,8 +150,9 @@ def main(_):
   rng = np.random.default_rng(0)
   x = rng.uniform(size=(FLAGS.batch_size, 28, 28, 1)).astype("float32")
   y = rng.integers(0, 10, size=FLAGS.batch_size)
-  margin_loss = lambda k: tlm.LargeMarginLoss(gamma=1e4, alpha_factor=4., top_k=k,
-                                              dist_norm=np.inf, epsilon=1e-6)
+  margin_loss = lambda k: tlm.LargeMarginLoss(
+      gamma=1e4, alpha_factor=4.0, top_k=k, dist_norm=np.inf, epsilon=1e-6
+  )
   variants = [
       ("xent", tlm.MarginModel, "sparse_categorical_crossentropy"),
       ("margin k=1", tlm.MarginModel, margin_loss(1)),
@@ -139,16 +166,24 @@ def main(_):
   backward = activation_backward_time(tf.constant(x), FLAGS.steps)
   times["floor k=1"] = times["xent"] + backward
   times["floor k=9"] = times["xent"] + 9 * backward
-  print(f"batch {FLAGS.batch_size}, {FLAGS.steps} steps, TF {tf.__version__}, "
-        f"Keras {keras.__version__}, {len(tf.config.list_logical_devices('CPU'))} CPU "
-        "device(s)")
+  print(
+      f"batch {FLAGS.batch_size}, {FLAGS.steps} steps, TF {tf.__version__}, "
+      f"Keras {keras.__version__}, {len(tf.config.list_logical_devices('CPU'))} CPU "
+      "device(s)"
+  )
   for name, seconds in times.items():
-    print(f"{name:14s} {seconds * 1e3:8.1f} ms/step   {seconds / times['xent']:5.2f}x xent")
-  print(f"activation-only backward pass: {backward * 1e3:.1f} ms "
-        f"({backward / times['xent']:.2f}x xent)")
+    print(
+        f"{name:14s} {seconds * 1e3:8.1f} ms/step   {seconds / times['xent']:5.2f}x xent"
+    )
+  print(
+      f"activation-only backward pass: {backward * 1e3:.1f} ms "
+      f"({backward / times['xent']:.2f}x xent)"
+  )
   for k in (1, 9):
-    print(f"k={k}: margin step is {times[f'original k={k}'] / times[f'margin k={k}']:.2f}x "
-          "faster than the original formulation")
+    print(
+        f"k={k}: margin step is {times[f'original k={k}'] / times[f'margin k={k}']:.2f}x "
+        "faster than the original formulation"
+    )
 
 
 if __name__ == "__main__":

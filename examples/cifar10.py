@@ -22,18 +22,39 @@ from tf_large_margin import architectures
 
 flags.DEFINE_integer("depth", 56, "ResNet depth, 6 n + 2 (8 for a quick test).")
 flags.DEFINE_integer("width", 16, "Filters of the first stage.")
-flags.DEFINE_integer("num_margin_layers", 5, "Margin layers: the input and this "
-                     "many - 1 evenly spaced residual block outputs (unless "
-                     "--margin_layers is given).")
+flags.DEFINE_integer(
+    "num_margin_layers",
+    5,
+    "Margin layers: the input and this "
+    "many - 1 evenly spaced residual block outputs (unless "
+    "--margin_layers is given).",
+)
 FLAGS = flags.FLAGS
 
 DEFAULTS = dict(
-    data_source="tfds", num_validation=5000, loss="margin", dist_norm="2", gamma=1e4,
-    alpha_factor=4., top_k=1, margin_epsilon=1e-6, layers_weights="none",
-    xent_weight=0., optimizer="momentum", momentum=0.9, learning_rate=0.1,
-    lr_schedule="piecewise", lr_boundaries=["0.5", "0.75"], lr_decay_rate=0.1,
-    clip_norm=0., weight_decay=2e-4, batch_size=128, train_steps=80000,
-    steps_per_loop=1000, model_dir="/tmp/cifar10_margin")
+    data_source="tfds",
+    num_validation=5000,
+    loss="margin",
+    dist_norm="2",
+    gamma=1e4,
+    alpha_factor=4.0,
+    top_k=1,
+    margin_epsilon=1e-6,
+    layers_weights="none",
+    xent_weight=0.0,
+    optimizer="momentum",
+    momentum=0.9,
+    learning_rate=0.1,
+    lr_schedule="piecewise",
+    lr_boundaries=["0.5", "0.75"],
+    lr_decay_rate=0.1,
+    clip_norm=0.0,
+    weight_decay=2e-4,
+    batch_size=128,
+    train_steps=80000,
+    steps_per_loop=1000,
+    model_dir="/tmp/cifar10_margin",
+)
 
 
 def block_names(depth):
@@ -43,14 +64,21 @@ def block_names(depth):
 
 def main(_):
   blocks = block_names(FLAGS.depth)
-  common.set_defaults(dict(DEFAULTS, margin_layers=["input"] + (
-      architectures.evenly_spaced(blocks, FLAGS.num_margin_layers - 1))))
+  common.set_defaults(
+      dict(
+          DEFAULTS,
+          margin_layers=["input"]
+          + (architectures.evenly_spaced(blocks, FLAGS.num_margin_layers - 1)),
+      )
+  )
   strategy = common.make_strategy()
   splits = common.load_splits("cifar10")
   common.train_and_evaluate(
       strategy,
       lambda: architectures.cifar_resnet(FLAGS.depth, width=FLAGS.width),
-      ["input"] + blocks, *common.numpy_pipelines(splits, augment="cifar"))
+      ["input"] + blocks,
+      *common.numpy_pipelines(splits, augment="cifar"),
+  )
 
 
 if __name__ == "__main__":

@@ -45,33 +45,57 @@ from matplotlib import pyplot  # pylint: disable=g-import-not-at-top,wrong-impor
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("model", None, "Comma-separated .keras model files to evaluate.")
-flags.DEFINE_string("source_model", None, "A .keras model the black-box adversarial "
-                    "examples are crafted on (none: no black-box evaluation).")
+flags.DEFINE_string(
+    "source_model",
+    None,
+    "A .keras model the black-box adversarial "
+    "examples are crafted on (none: no black-box evaluation).",
+)
 flags.DEFINE_enum("dataset", "mnist", list(datasets.DATASET_NAMES), "Data set.")
-flags.DEFINE_string("data_source", None, "'embedded' (MNIST sample shipped with the "
-                    "package), 'tfds', or a directory with the data set's files.")
-flags.DEFINE_integer("num_examples", 0, "Test examples evaluated (the first ones; "
-                     "0: all).")
+flags.DEFINE_string(
+    "data_source",
+    None,
+    "'embedded' (MNIST sample shipped with the "
+    "package), 'tfds', or a directory with the data set's files.",
+)
+flags.DEFINE_integer(
+    "num_examples", 0, "Test examples evaluated (the first ones; " "0: all)."
+)
 flags.DEFINE_integer("batch_size", 250, "Examples per batch.")
-flags.DEFINE_list("epsilons", ["0", "0.05", "0.1", "0.15", "0.2", "0.25", "0.3"],
-                  "l_inf radii of FGSM and iterative FGSM, in [0, 1] pixel units.")
-flags.DEFINE_integer("ifgsm_steps", 10, "Steps of iterative FGSM (step size "
-                     "2.5 epsilon / steps).")
-flags.DEFINE_list("sigmas", ["0", "0.1", "0.2", "0.3", "0.4", "0.5"],
-                  "Standard deviations of the Gaussian noise, in [0, 1] pixel units.")
-flags.DEFINE_list("margin_layers", ["input"], "Layers of the first-order margins "
-                  "('input' or layer names).")
+flags.DEFINE_list(
+    "epsilons",
+    ["0", "0.05", "0.1", "0.15", "0.2", "0.25", "0.3"],
+    "l_inf radii of FGSM and iterative FGSM, in [0, 1] pixel units.",
+)
+flags.DEFINE_integer(
+    "ifgsm_steps", 10, "Steps of iterative FGSM (step size " "2.5 epsilon / steps)."
+)
+flags.DEFINE_list(
+    "sigmas",
+    ["0", "0.1", "0.2", "0.3", "0.4", "0.5"],
+    "Standard deviations of the Gaussian noise, in [0, 1] pixel units.",
+)
+flags.DEFINE_list(
+    "margin_layers",
+    ["input"],
+    "Layers of the first-order margins " "('input' or layer names).",
+)
 flags.DEFINE_enum("dist_norm", "2", ["1", "2", "inf"], "Norm of the margins.")
 flags.DEFINE_integer("deepfool_steps", 50, "DeepFool's maximum steps (0: skip it).")
-flags.DEFINE_list("thresholds", ["0.1", "0.3", "1.0"], "Margins summaries report "
-                  "the fraction of correct examples below these.")
+flags.DEFINE_list(
+    "thresholds",
+    ["0.1", "0.3", "1.0"],
+    "Margins summaries report " "the fraction of correct examples below these.",
+)
 flags.DEFINE_integer("seed", 0, "Seed of the Gaussian noise.")
 flags.DEFINE_string("output_dir", "eval", "Directory of eval.json and the plots.")
 
 WHITE_BOX_ATTACKS = ("fgsm", "iterative_fgsm")
 ATTACK_TITLES = {"fgsm": "FGSM", "iterative_fgsm": "Iterative FGSM"}
-ESTIMATE_TITLES = {margins.LINEARIZED: "input (linearised logits)",
-                   margins.DEEPFOOL: "input (DeepFool)"}
+ESTIMATE_TITLES = {
+    margins.LINEARIZED: "input (linearised logits)",
+    margins.DEEPFOOL: "input (DeepFool)",
+}
 
 
 def progress(message):
@@ -101,9 +125,10 @@ def test_dataset():
   """The first ``--num_examples`` test examples as a batched tf.data set."""
   _, _, x_test, y_test = datasets.load_dataset(FLAGS.dataset, FLAGS.data_source)
   if FLAGS.num_examples:
-    x_test, y_test = x_test[:FLAGS.num_examples], y_test[:FLAGS.num_examples]
-  return datasets.make_tf_dataset(x_test, y_test, FLAGS.batch_size, training=False), \
-      len(y_test)
+    x_test, y_test = x_test[: FLAGS.num_examples], y_test[: FLAGS.num_examples]
+  return datasets.make_tf_dataset(
+      x_test, y_test, FLAGS.batch_size, training=False
+  ), len(y_test)
 
 
 def accuracy_curve(model, dataset, attack, values, source_model=None):
@@ -118,22 +143,33 @@ def accuracy_curve(model, dataset, attack, values, source_model=None):
     else:
       kwargs = dict(epsilon=value)
     curve[str(value)] = attacks.robust_accuracy(
-        model, dataset, attack, source_model=source_model, seed=FLAGS.seed, **kwargs)
-    box = "" if attack == "gaussian" else (
-        " (white-box)" if source_model is None else " (black-box)")
-    progress(f"  {attack}{box} {value:g}: accuracy {curve[str(value)]:.4f} "
-             f"({time.time() - start:.1f} s)")
+        model, dataset, attack, source_model=source_model, seed=FLAGS.seed, **kwargs
+    )
+    box = (
+        ""
+        if attack == "gaussian"
+        else (" (white-box)" if source_model is None else " (black-box)")
+    )
+    progress(
+        f"  {attack}{box} {value:g}: accuracy {curve[str(value)]:.4f} "
+        f"({time.time() - start:.1f} s)"
+    )
   return curve
 
 
 def margin_results(model, dataset, num_batches):
   """(per-example margins, their summaries over correctly classified examples)."""
   values = margins.dataset_margins(
-      model, dataset, layers=FLAGS.margin_layers, dist_norm=parse_norm(FLAGS.dist_norm),
+      model,
+      dataset,
+      layers=FLAGS.margin_layers,
+      dist_norm=parse_norm(FLAGS.dist_norm),
       deepfool_steps=FLAGS.deepfool_steps,
-      progress=lambda i: progress(f"  margins: batch {i + 1}/{num_batches}"))
+      progress=lambda i: progress(f"  margins: batch {i + 1}/{num_batches}"),
+  )
   summary = margins.summarize_margins(
-      values, thresholds=[float(t) for t in FLAGS.thresholds])
+      values, thresholds=[float(t) for t in FLAGS.thresholds]
+  )
   return values, summary
 
 
@@ -142,22 +178,25 @@ def evaluate_model(model, source_model, dataset, num_batches):
   epsilons = [float(e) for e in FLAGS.epsilons]
   result = {"clean_accuracy": attacks.robust_accuracy(model, dataset)}
   progress(f"  clean accuracy {result['clean_accuracy']:.4f}")
-  result["white_box"] = {attack: accuracy_curve(model, dataset, attack, epsilons)
-                         for attack in WHITE_BOX_ATTACKS}
+  result["white_box"] = {
+      attack: accuracy_curve(model, dataset, attack, epsilons)
+      for attack in WHITE_BOX_ATTACKS
+  }
   if source_model is not None and source_model is not model:
     result["black_box"] = {
         attack: accuracy_curve(model, dataset, attack, epsilons, source_model)
-        for attack in WHITE_BOX_ATTACKS}
-  result["gaussian"] = accuracy_curve(model, dataset, "gaussian",
-                                      [float(s) for s in FLAGS.sigmas])
+        for attack in WHITE_BOX_ATTACKS
+    }
+  result["gaussian"] = accuracy_curve(
+      model, dataset, "gaussian", [float(s) for s in FLAGS.sigmas]
+  )
   values, result["margins"] = margin_results(model, dataset, num_batches)
   return result, values
 
 
 def plot_curves(axis, curve, label, linestyle="-"):
   grid = [float(v) for v in curve]
-  axis.plot(grid, [100 * a for a in curve.values()], linestyle, marker="o",
-            label=label)
+  axis.plot(grid, [100 * a for a in curve.values()], linestyle, marker="o", label=label)
 
 
 def finish(figure, axes, xlabel, path):
@@ -198,19 +237,26 @@ def plot_margin_histograms(name, values, path):
   estimates = [key for key in values if key != margins.CORRECT]
   columns = min(3, len(estimates))
   rows = -(-len(estimates) // columns)
-  figure, axes = pyplot.subplots(rows, columns, figsize=(5 * columns, 3.8 * rows),
-                                 squeeze=False)
-  for axis in axes.flat[len(estimates):]:
+  figure, axes = pyplot.subplots(
+      rows, columns, figsize=(5 * columns, 3.8 * rows), squeeze=False
+  )
+  for axis in axes.flat[len(estimates) :]:
     axis.set_visible(False)
   for axis, estimate in zip(axes.flat, estimates):
     kept = values[estimate][values["correct"]]
     kept = kept[np.isfinite(kept) & (kept > 0)]
     if kept.size:
       # Log-spaced bins: first-order margins on probabilities have heavy tails.
-      axis.hist(kept, bins=np.geomspace(kept.min(), kept.max() * 1.001, 40),
-                color="tab:blue", alpha=0.8)
+      axis.hist(
+          kept,
+          bins=np.geomspace(kept.min(), kept.max() * 1.001, 40),
+          color="tab:blue",
+          alpha=0.8,
+      )
       axis.set_xscale("log")
-      axis.axvline(np.median(kept), color="tab:red", label=f"median {np.median(kept):.3g}")
+      axis.axvline(
+          np.median(kept), color="tab:red", label=f"median {np.median(kept):.3g}"
+      )
       axis.legend()
     title = ESTIMATE_TITLES.get(estimate, f"{estimate} (first order, Eq. 10)")
     axis.set_title(f"{name}: {title}")
@@ -227,8 +273,10 @@ def main(argv):
     raise app.UsageError("--model is required (one or more .keras files).")
   names = [model_name(path) for path in FLAGS.model]
   if len(set(names)) != len(names):
-    raise app.UsageError(f"The models' names {names} must differ (file names, or "
-                         "directory names for model.keras files).")
+    raise app.UsageError(
+        f"The models' names {names} must differ (file names, or "
+        "directory names for model.keras files)."
+    )
   os.makedirs(FLAGS.output_dir, exist_ok=True)
   dataset, num_examples = test_dataset()
   num_batches = -(-num_examples // FLAGS.batch_size)
@@ -239,16 +287,25 @@ def main(argv):
     model = source_model if path == FLAGS.source_model else load_model(path)
     result, values = evaluate_model(model, source_model, dataset, num_batches)
     results[name] = dict(path=path, **result)
-    plot_margin_histograms(name, values, os.path.join(FLAGS.output_dir,
-                                                      f"margins_{name}.png"))
-  plot_accuracy_vs_epsilon(results, os.path.join(FLAGS.output_dir,
-                                                 "accuracy_vs_epsilon.png"))
+    plot_margin_histograms(
+        name, values, os.path.join(FLAGS.output_dir, f"margins_{name}.png")
+    )
+  plot_accuracy_vs_epsilon(
+      results, os.path.join(FLAGS.output_dir, "accuracy_vs_epsilon.png")
+  )
   plot_gaussian(results, os.path.join(FLAGS.output_dir, "gaussian_noise.png"))
-  report = dict(dataset=FLAGS.dataset, data_source=FLAGS.data_source,
-                num_examples=num_examples, source_model=FLAGS.source_model,
-                ifgsm_steps=FLAGS.ifgsm_steps, dist_norm=FLAGS.dist_norm,
-                margin_layers=FLAGS.margin_layers, deepfool_steps=FLAGS.deepfool_steps,
-                seed=FLAGS.seed, models=results)
+  report = dict(
+      dataset=FLAGS.dataset,
+      data_source=FLAGS.data_source,
+      num_examples=num_examples,
+      source_model=FLAGS.source_model,
+      ifgsm_steps=FLAGS.ifgsm_steps,
+      dist_norm=FLAGS.dist_norm,
+      margin_layers=FLAGS.margin_layers,
+      deepfool_steps=FLAGS.deepfool_steps,
+      seed=FLAGS.seed,
+      models=results,
+  )
   with open(os.path.join(FLAGS.output_dir, "eval.json"), "w", encoding="utf-8") as f:
     json.dump(report, f, indent=2)
   progress(f"wrote {FLAGS.output_dir}/eval.json and the plots")

@@ -30,26 +30,55 @@ from absl import flags
 import common
 from tf_large_margin import architectures
 
-flags.DEFINE_enum("config", "default", ["default", "original"],
-                  "Set of defaults; see the module docstring.")
+flags.DEFINE_enum(
+    "config",
+    "default",
+    ["default", "original"],
+    "Set of defaults; see the module docstring.",
+)
 FLAGS = flags.FLAGS
 
 # "all" margin layers: the input, every hidden block and the logits.
 ALL_MARGIN_LAYERS = ["input", "conv0", "conv1", "fc0", "logits"]
 
 ORIGINAL = dict(
-    data_source="embedded", loss="margin", dist_norm="inf", gamma=1e4,
-    alpha_factor=4., top_k=1, margin_epsilon=1e-6,
-    margin_layers=["input", "conv0", "conv1"], layers_weights="size", xent_weight=0.,
-    optimizer="rmsprop_tf1", learning_rate=0.1, optimizer_epsilon=1e-2, momentum=0.,
-    lr_schedule="exponential", lr_decay_rate=0.96, lr_decay_steps=2000, clip_norm=5.,
-    weight_decay=5e-4, batch_size=256, epochs=200, model_dir="/tmp/mnist_margin")
+    data_source="embedded",
+    loss="margin",
+    dist_norm="inf",
+    gamma=1e4,
+    alpha_factor=4.0,
+    top_k=1,
+    margin_epsilon=1e-6,
+    margin_layers=["input", "conv0", "conv1"],
+    layers_weights="size",
+    xent_weight=0.0,
+    optimizer="rmsprop_tf1",
+    learning_rate=0.1,
+    optimizer_epsilon=1e-2,
+    momentum=0.0,
+    lr_schedule="exponential",
+    lr_decay_rate=0.96,
+    lr_decay_steps=2000,
+    clip_norm=5.0,
+    weight_decay=5e-4,
+    batch_size=256,
+    epochs=200,
+    model_dir="/tmp/mnist_margin",
+)
 
 CONFIGS = {
     "original": ORIGINAL,
-    "default": dict(ORIGINAL, layers_weights="none", xent_weight=1.,
-                    optimizer="adam", learning_rate=1e-3, optimizer_epsilon=1e-7,
-                    weight_decay=0., epochs=0, train_steps=1500),
+    "default": dict(
+        ORIGINAL,
+        layers_weights="none",
+        xent_weight=1.0,
+        optimizer="adam",
+        learning_rate=1e-3,
+        optimizer_epsilon=1e-7,
+        weight_decay=0.0,
+        epochs=0,
+        train_steps=1500,
+    ),
 }
 
 
@@ -59,8 +88,11 @@ def main(_):
   splits = common.load_splits("mnist")
   image_shape = splits["train"][0].shape[1:]
   common.train_and_evaluate(
-      strategy, lambda: architectures.mnist_cnn(input_shape=image_shape), ALL_MARGIN_LAYERS,
-      *common.numpy_pipelines(splits))
+      strategy,
+      lambda: architectures.mnist_cnn(input_shape=image_shape),
+      ALL_MARGIN_LAYERS,
+      *common.numpy_pipelines(splits)
+  )
 
 
 if __name__ == "__main__":

@@ -42,23 +42,31 @@ flags.DEFINE_integer("steps_per_loop", 100, "Steps between validation checks.")
 flags.DEFINE_integer("batch_size", 128, "Batch size.")
 flags.DEFINE_integer("num_validation", 5000, "Validation examples (paper: 5000).")
 flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate.")
-flags.DEFINE_float("xent_weight", 1., "Cross-entropy weight of the margin runs.")
+flags.DEFINE_float("xent_weight", 1.0, "Cross-entropy weight of the margin runs.")
 flags.DEFINE_list("norms", ["1", "2", "inf"], "Distance norms of the margin runs.")
-flags.DEFINE_string("search_grid",
-                    "1:3,10,30,10/1;2:0.5,2,8,2/1;inf:0.05,0.2,0.8,0.2/1",
-                    "(gamma, alpha_factor) pairs tried per norm: "
-                    "'norm:gamma[/alpha],...;norm:...' (alpha_factor default 4).")
+flags.DEFINE_string(
+    "search_grid",
+    "1:3,10,30,10/1;2:0.5,2,8,2/1;inf:0.05,0.2,0.8,0.2/1",
+    "(gamma, alpha_factor) pairs tried per norm: "
+    "'norm:gamma[/alpha],...;norm:...' (alpha_factor default 4).",
+)
 flags.DEFINE_float("search_noise", 0.8, "Noisy-label fraction of the gamma search.")
-flags.DEFINE_list("noise_fractions", ["0", "0.2", "0.4", "0.6", "0.8"],
-                  "Noisy-label fractions of sweep (a).")
-flags.DEFINE_list("train_sizes", ["68", "550", "5500"], "Training-set sizes of "
-                  "sweep (b) besides the full training set.")
+flags.DEFINE_list(
+    "noise_fractions",
+    ["0", "0.2", "0.4", "0.6", "0.8"],
+    "Noisy-label fractions of sweep (a).",
+)
+flags.DEFINE_list(
+    "train_sizes",
+    ["68", "550", "5500"],
+    "Training-set sizes of " "sweep (b) besides the full training set.",
+)
 flags.DEFINE_string("size_norm", "inf", "Norm of the margin runs of sweep (b).")
 FLAGS = flags.FLAGS
 
 MNIST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mnist.py")
 FULL = "full"
-DEFAULT_ALPHA_FACTOR = 4.
+DEFAULT_ALPHA_FACTOR = 4.0
 # Test accuracy of the checkpoint with the best validation accuracy.
 SELECTED = "best_validation_test_accuracy"
 
@@ -72,7 +80,8 @@ def parse_search_grid(text):
       raise ValueError(f"--search_grid item {item!r} is not 'norm:gamma[/alpha],...'.")
     grid[norm.strip()] = [
         (float(gamma), float(alpha or DEFAULT_ALPHA_FACTOR))
-        for gamma, _, alpha in (c.partition("/") for c in candidates.split(","))]
+        for gamma, _, alpha in (c.partition("/") for c in candidates.split(","))
+    ]
   return grid
 
 
@@ -87,13 +96,21 @@ def run(name, steps, *extra_flags):
   results_path = os.path.join(model_dir, "results.json")
   if not os.path.exists(results_path):
     os.makedirs(model_dir, exist_ok=True)
-    command = [sys.executable, MNIST, f"--model_dir={model_dir}",
-               f"--data_source={FLAGS.data_source}", f"--train_steps={steps}",
-               f"--steps_per_loop={FLAGS.steps_per_loop}",
-               f"--batch_size={FLAGS.batch_size}",
-               f"--num_validation={FLAGS.num_validation}",
-               f"--learning_rate={FLAGS.learning_rate}", "--optimizer=adam",
-               "--lr_schedule=constant", "--verbose=2", *extra_flags]
+    command = [
+        sys.executable,
+        MNIST,
+        f"--model_dir={model_dir}",
+        f"--data_source={FLAGS.data_source}",
+        f"--train_steps={steps}",
+        f"--steps_per_loop={FLAGS.steps_per_loop}",
+        f"--batch_size={FLAGS.batch_size}",
+        f"--num_validation={FLAGS.num_validation}",
+        f"--learning_rate={FLAGS.learning_rate}",
+        "--optimizer=adam",
+        "--lr_schedule=constant",
+        "--verbose=2",
+        *extra_flags,
+    ]
     start = time.time()
     with open(os.path.join(model_dir, "log.txt"), "a", encoding="utf-8") as log:
       subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=True)
@@ -103,9 +120,14 @@ def run(name, steps, *extra_flags):
 
 
 def margin_flags(norm, gamma, alpha_factor):
-  return ["--loss=margin", f"--dist_norm={norm}", f"--gamma={gamma}",
-          f"--alpha_factor={alpha_factor}", f"--xent_weight={FLAGS.xent_weight}",
-          "--margin_layers=input"]
+  return [
+      "--loss=margin",
+      f"--dist_norm={norm}",
+      f"--gamma={gamma}",
+      f"--alpha_factor={alpha_factor}",
+      f"--xent_weight={FLAGS.xent_weight}",
+      "--margin_layers=input",
+  ]
 
 
 def search(grid):
@@ -115,14 +137,20 @@ def search(grid):
   for norm in FLAGS.norms:
     scores = {}
     for gamma, alpha_factor in grid[norm]:
-      run_flags = [f"--noisy_label_fraction={FLAGS.search_noise}",
-                   *margin_flags(norm, gamma, alpha_factor)]
+      run_flags = [
+          f"--noisy_label_fraction={FLAGS.search_noise}",
+          *margin_flags(norm, gamma, alpha_factor),
+      ]
       scores[gamma, alpha_factor] = run(
-          "search_" + run_name(*run_flags), FLAGS.search_steps,
-          *run_flags)["best_validation_accuracy"]
+          "search_" + run_name(*run_flags), FLAGS.search_steps, *run_flags
+      )["best_validation_accuracy"]
     chosen[norm] = max(scores, key=scores.get)
-    logging.info("l%s: validation accuracy per (gamma, alpha_factor) %s -> %s", norm,
-                 scores, chosen[norm])
+    logging.info(
+        "l%s: validation accuracy per (gamma, alpha_factor) %s -> %s",
+        norm,
+        scores,
+        chosen[norm],
+    )
   return chosen
 
 
@@ -139,34 +167,52 @@ def point_run(column_flags, noise="0", size=FULL):
   point_flags = [f"--noisy_label_fraction={noise}"]
   if size != FULL:
     point_flags.append(f"--num_train_examples={size}")
-  return run(run_name(*column_flags, *point_flags), FLAGS.train_steps,
-             *point_flags, *column_flags)
+  return run(
+      run_name(*column_flags, *point_flags),
+      FLAGS.train_steps,
+      *point_flags,
+      *column_flags,
+  )
 
 
 def markdown_table(title, point_name, table, point_label):
   """A markdown table of {point: {column: accuracy}} in percent."""
   columns = list(next(iter(table.values())))
-  lines = [f"### {title}", "", "| " + " | ".join([point_name] + columns) + " |",
-           "| " + " | ".join(["---"] * (len(columns) + 1)) + " |"]
+  lines = [
+      f"### {title}",
+      "",
+      "| " + " | ".join([point_name] + columns) + " |",
+      "| " + " | ".join(["---"] * (len(columns) + 1)) + " |",
+  ]
   for point, row in table.items():
-    lines.append("| " + " | ".join([point_label(point)] + [
-        f"{100 * row[c]:.2f}" for c in columns]) + " |")
+    lines.append(
+        "| "
+        + " | ".join([point_label(point)] + [f"{100 * row[c]:.2f}" for c in columns])
+        + " |"
+    )
   return "\n".join(lines)
 
 
 def plot(noise_table, size_table, path):
   """Test accuracy vs noise fraction and vs training-set size, one line per method."""
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use("Agg")
   from matplotlib import pyplot  # pylint: disable=g-import-not-at-top
 
   figure, (left, right) = pyplot.subplots(1, 2, figsize=(11, 4))
-  for axis, table, xlabel in ((left, noise_table, "noisy-label fraction"),
-                              (right, size_table, "training examples")):
+  for axis, table, xlabel in (
+      (left, noise_table, "noisy-label fraction"),
+      (right, size_table, "training examples"),
+  ):
     points = list(table)
     for column in table[points[0]]:
-      axis.plot([float(p) for p in points], [100 * table[p][column] for p in points],
-                marker="o", label=column)
+      axis.plot(
+          [float(p) for p in points],
+          [100 * table[p][column] for p in points],
+          marker="o",
+          label=column,
+      )
     axis.set_xlabel(xlabel)
     axis.set_ylabel("clean test accuracy (%)")
     axis.grid(alpha=0.3)
@@ -180,25 +226,40 @@ def main(_):
   start = time.time()
   chosen = search(parse_search_grid(FLAGS.search_grid))
   noise_columns = methods(FLAGS.norms, chosen)
-  noise_table = {noise: {c: point_run(f, noise=noise)[SELECTED]
-                         for c, f in noise_columns.items()}
-                 for noise in FLAGS.noise_fractions}
+  noise_table = {
+      noise: {c: point_run(f, noise=noise)[SELECTED] for c, f in noise_columns.items()}
+      for noise in FLAGS.noise_fractions
+  }
   size_table = {}
   for size in FLAGS.train_sizes + [FULL]:
-    runs = {c: point_run(f, size=size)
-            for c, f in methods([FLAGS.size_norm], chosen).items()}
+    runs = {
+        c: point_run(f, size=size)
+        for c, f in methods([FLAGS.size_norm], chosen).items()
+    }
     size_table[str(runs["xent"]["num_train_examples"])] = {
-        c: results[SELECTED] for c, results in runs.items()}
-  report = "\n\n".join([
-      f"(gamma, alpha_factor) chosen on validation at {FLAGS.search_noise:.0%} "
-      "noisy labels: " + ", ".join(f"l{n}: {c}" for n, c in chosen.items()),
-      markdown_table("(a) Noisy labels: clean test accuracy (%)", "noisy labels",
-                     noise_table, lambda p: f"{float(p):.0%}"),
-      markdown_table("(b) Training-set size: clean test accuracy (%)",
-                     "training examples", size_table, str),
-      f"{FLAGS.train_steps} steps of batch {FLAGS.batch_size} per run "
-      f"({FLAGS.search_steps} for the gamma search); sweep wall-clock "
-      f"{(time.time() - start) / 60:.0f} min (finished runs reused)."])
+        c: results[SELECTED] for c, results in runs.items()
+    }
+  report = "\n\n".join(
+      [
+          f"(gamma, alpha_factor) chosen on validation at {FLAGS.search_noise:.0%} "
+          "noisy labels: " + ", ".join(f"l{n}: {c}" for n, c in chosen.items()),
+          markdown_table(
+              "(a) Noisy labels: clean test accuracy (%)",
+              "noisy labels",
+              noise_table,
+              lambda p: f"{float(p):.0%}",
+          ),
+          markdown_table(
+              "(b) Training-set size: clean test accuracy (%)",
+              "training examples",
+              size_table,
+              str,
+          ),
+          f"{FLAGS.train_steps} steps of batch {FLAGS.batch_size} per run "
+          f"({FLAGS.search_steps} for the gamma search); sweep wall-clock "
+          f"{(time.time() - start) / 60:.0f} min (finished runs reused).",
+      ]
+  )
   with open(os.path.join(FLAGS.out_dir, "results.md"), "w", encoding="utf-8") as f:
     f.write(report + "\n")
   plot(noise_table, size_table, os.path.join(FLAGS.out_dir, "results.png"))

@@ -27,13 +27,16 @@ def build_model(keras, tlm):
   inputs = keras.Input((6, 6, 1))
   h = keras.layers.Conv2D(3, 3, activation="tanh", name="conv0")(inputs)
   h = keras.layers.Flatten()(h)
-  h = keras.layers.Dense(8, activation="tanh", name="fc",
-                         kernel_regularizer=keras.regularizers.L2(1e-3))(h)
+  h = keras.layers.Dense(
+      8, activation="tanh", name="fc", kernel_regularizer=keras.regularizers.L2(1e-3)
+  )(h)
   logits = keras.layers.Dense(4, name="logits")(h)
   model = tlm.MarginModel(inputs, logits, margin_layers=["input", "conv0", "fc"])
-  model.compile(keras.optimizers.SGD(0.5),
-                loss=tlm.LargeMarginLoss(gamma=0.5, top_k=2, cross_entropy_weight=0.5),
-                metrics=["accuracy"])
+  model.compile(
+      keras.optimizers.SGD(0.5),
+      loss=tlm.LargeMarginLoss(gamma=0.5, top_k=2, cross_entropy_weight=0.5),
+      metrics=["accuracy"],
+  )
   return model
 
 
@@ -43,10 +46,12 @@ def main():
   parser.add_argument("--out", required=True)
   args = parser.parse_args()
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   if args.strategy == "mirrored":
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        cpu, [tf.config.LogicalDeviceConfiguration()] * 2
+    )
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
   elif args.strategy == "multi_worker":
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
@@ -58,11 +63,15 @@ def main():
   x, y = data()
   dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(GLOBAL_BATCH)
   if args.strategy == "multi_worker":
+
     def local_batches(context):
       """This worker's slice of every global batch (one replica per worker)."""
       size = context.get_per_replica_batch_size(GLOBAL_BATCH)
       start = context.input_pipeline_id * size
-      return dataset.map(lambda a, b: (a[start:start + size], b[start:start + size]))
+      return dataset.map(
+          lambda a, b: (a[start : start + size], b[start : start + size])
+      )
+
     dataset = strategy.distribute_datasets_from_function(local_batches)
   with strategy.scope():
     model = build_model(keras, tlm)
@@ -70,8 +79,9 @@ def main():
     loss = np.nan
   else:
     loss = model.fit(dataset, epochs=1, verbose=0).history["loss"][-1]
-  np.savez(args.out, loss=loss,
-           **{f"w{i}": w for i, w in enumerate(model.get_weights())})
+  np.savez(
+      args.out, loss=loss, **{f"w{i}": w for i, w in enumerate(model.get_weights())}
+  )
 
 
 if __name__ == "__main__":

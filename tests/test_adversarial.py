@@ -22,7 +22,7 @@ def network(model_class=adversarial.AdversarialMarginModel, **kwargs):
 
 def data(n=32):
   rng = np.random.default_rng(0)
-  return rng.uniform(0., 1., size=(n, DIM)).astype("float32"), rng.integers(0, 3, n)
+  return rng.uniform(0.0, 1.0, size=(n, DIM)).astype("float32"), rng.integers(0, 3, n)
 
 
 class Recording(adversarial.AdversarialMarginModel):
@@ -34,16 +34,21 @@ class Recording(adversarial.AdversarialMarginModel):
     return super().total_loss(x, y, sample_weight, training)
 
 
-@pytest.mark.parametrize("attack_kwargs", [
-    dict(attack="fgsm", epsilon=0.1),
-    dict(attack="pgd", epsilon=0.3, norm=2, steps=3, seed=7),
-])
+@pytest.mark.parametrize(
+    "attack_kwargs",
+    [
+        dict(attack="fgsm", epsilon=0.1),
+        dict(attack="pgd", epsilon=0.3, norm=2, steps=3, seed=7),
+    ],
+)
 def test_the_margin_step_sees_the_clean_and_the_attacked_examples(attack_kwargs):
   model = network(Recording, margin_layers=["input", "h"], **attack_kwargs)
   model.seen = []
-  model.compile(keras.optimizers.SGD(0.1),
-                loss=tlm.LargeMarginLoss(gamma=1., cross_entropy_weight=1.),
-                run_eagerly=True)
+  model.compile(
+      keras.optimizers.SGD(0.1),
+      loss=tlm.LargeMarginLoss(gamma=1.0, cross_entropy_weight=1.0),
+      run_eagerly=True,
+  )
   x, y = data(8)
   if attack_kwargs["attack"] == "fgsm":
     expected = attacks.fgsm(model, x, y, 0.1)
@@ -51,7 +56,7 @@ def test_the_margin_step_sees_the_clean_and_the_attacked_examples(attack_kwargs)
     expected = attacks.pgd(model, x, y, 0.3, norm=2, steps=3, seed=(7, 0))
   before = [w.numpy() for w in model.trainable_weights]
   model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
-  (seen_x, seen_y), = model.seen
+  ((seen_x, seen_y),) = model.seen
   np.testing.assert_array_equal(seen_x[:8], x)
   np.testing.assert_allclose(seen_x[8:], expected, atol=1e-6)
   assert not np.allclose(seen_x[8:], x)
@@ -65,16 +70,19 @@ def test_adversarial_batch_with_one_hot_labels_and_sample_weights():
   x, y = data(5)
   one_hot, weights = tf.one_hot(y, 3), tf.range(5, dtype=tf.float32)
   batch_x, batch_y, batch_w = model.adversarial_batch((x, one_hot, weights))
-  np.testing.assert_allclose(batch_x[5:], attacks.iterative_fgsm(model, x, y, 0.2, steps=4),
-                             atol=1e-6)
+  np.testing.assert_allclose(
+      batch_x[5:], attacks.iterative_fgsm(model, x, y, 0.2, steps=4), atol=1e-6
+  )
   np.testing.assert_array_equal(batch_y, tf.concat([one_hot, one_hot], 0))
   np.testing.assert_array_equal(batch_w, [0, 1, 2, 3, 4] * 2)
 
 
 def test_compiled_fit_with_the_margin_loss_and_plain_cross_entropy():
   x, y = data(64)
-  for loss in (tlm.LargeMarginLoss(gamma=1., cross_entropy_weight=1.),
-               keras.losses.SparseCategoricalCrossentropy(from_logits=True)):
+  for loss in (
+      tlm.LargeMarginLoss(gamma=1.0, cross_entropy_weight=1.0),
+      keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+  ):
     model = network(margin_layers=["input", "h"], attack="pgd", epsilon=0.1, steps=2)
     model.compile(keras.optimizers.Adam(1e-2), loss=loss)
     history = model.fit(x, y, batch_size=16, epochs=2, verbose=0)
@@ -84,10 +92,11 @@ def test_compiled_fit_with_the_margin_loss_and_plain_cross_entropy():
 def test_from_model_and_save_load(tmp_path):
   keras.utils.set_random_seed(0)
   base = keras.Sequential([keras.Input((DIM,)), keras.layers.Dense(3)])
-  model = adversarial.AdversarialMarginModel.from_model(base, attack="pgd", epsilon=0.3,
-                                                        norm=2, steps=5)
+  model = adversarial.AdversarialMarginModel.from_model(
+      base, attack="pgd", epsilon=0.3, norm=2, steps=5
+  )
   assert model.attack_config["attack"] == "pgd" and model.attack_config["norm"] == 2
-  model.compile("sgd", loss=tlm.LargeMarginLoss(gamma=1.))
+  model.compile("sgd", loss=tlm.LargeMarginLoss(gamma=1.0))
   path = str(tmp_path / "model.keras")
   model.save(path)
   loaded = keras.models.load_model(path)
@@ -97,15 +106,18 @@ def test_from_model_and_save_load(tmp_path):
   np.testing.assert_allclose(loaded(x), model(x), rtol=1e-6)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(attack="deepfool"), "attack must be one of"),
-    (dict(epsilon=0.), "epsilon must be > 0"),
-    (dict(epsilon=-1.), "epsilon must be finite and >= 0"),
-    (dict(norm=1), "norm must be 2 or np.inf"),
-    (dict(attack="fgsm", norm=2), "norm=2 needs attack='pgd'"),
-    (dict(attack="pgd", steps=0), "steps"),
-    (dict(clip_min=1., clip_max=0.), "clip_min must be < clip_max"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(attack="deepfool"), "attack must be one of"),
+        (dict(epsilon=0.0), "epsilon must be > 0"),
+        (dict(epsilon=-1.0), "epsilon must be finite and >= 0"),
+        (dict(norm=1), "norm must be 2 or np.inf"),
+        (dict(attack="fgsm", norm=2), "norm=2 needs attack='pgd'"),
+        (dict(attack="pgd", steps=0), "steps"),
+        (dict(clip_min=1.0, clip_max=0.0), "clip_min must be < clip_max"),
+    ],
+)
 def test_bad_settings(kwargs, match):
   with pytest.raises(ValueError, match=match):
     network(**kwargs)

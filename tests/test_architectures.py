@@ -9,12 +9,16 @@ from tf_large_margin import architectures
 
 def test_cifar_resnet_shapes_and_block_names():
   model = architectures.cifar_resnet(depth=14, width=4)
-  blocks = [layer for layer in model.layers if layer.name.startswith("block")
-            and "_" not in layer.name]
+  blocks = [
+      layer
+      for layer in model.layers
+      if layer.name.startswith("block") and "_" not in layer.name
+  ]
   assert [b.name for b in blocks] == [f"block{i}" for i in range(6)]
   # Stages of 2 blocks: 32x32x4, 16x16x8, 8x8x16.
-  assert [tuple(b.output.shape[1:]) for b in blocks] == [
-      (32, 32, 4)] * 2 + [(16, 16, 8)] * 2 + [(8, 8, 16)] * 2
+  assert [tuple(b.output.shape[1:]) for b in blocks] == [(32, 32, 4)] * 2 + [
+      (16, 16, 8)
+  ] * 2 + [(8, 8, 16)] * 2
   logits = model(np.zeros((2, 32, 32, 3), "float32"))
   assert logits.shape == (2, 10)
 
@@ -24,9 +28,12 @@ def test_cifar_resnet_depth_counts_weight_layers():
   projection shortcuts are not counted, as in He et al.)."""
   for depth in (8, 20, 32):
     model = architectures.cifar_resnet(depth=depth)
-    weighted = [l for l in model.layers
-                if isinstance(l, (keras.layers.Conv2D, keras.layers.Dense))
-                and not l.name.endswith("_shortcut")]
+    weighted = [
+        l
+        for l in model.layers
+        if isinstance(l, (keras.layers.Conv2D, keras.layers.Dense))
+        and not l.name.endswith("_shortcut")
+    ]
     assert len(weighted) == depth
 
 

@@ -22,24 +22,29 @@ def binary_problem():
   logit gap of at least 1 (so an l_inf or l_2 step of 0.05 cannot flip them)."""
   rng = np.random.default_rng(0)
   w = rng.normal(size=(DIM, 2))
-  w[:, 1] = w[:, 0] + np.array([1., -2., .5, -1., 1.5, -.7])  # w_1 - w_0: no zeros
+  w[:, 1] = w[:, 0] + np.array([1.0, -2.0, 0.5, -1.0, 1.5, -0.7])  # w_1 - w_0: no zeros
   x = rng.uniform(0.3, 0.7, size=(16, DIM)).astype("float32")
   gap = x @ (w[:, 0] - w[:, 1])
-  b = np.array([1. - gap.min(), 0.])  # z_0 - z_1 = gap - min(gap) + 1 >= 1
+  b = np.array([1.0 - gap.min(), 0.0])  # z_0 - z_1 = gap - min(gap) + 1 >= 1
   return linear_model(w, b), x, np.zeros(16, np.int64), w[:, 1] - w[:, 0]
 
 
 def relu_model(seed=0):
   keras.utils.set_random_seed(seed)
-  return keras.Sequential([keras.Input((DIM,)), keras.layers.Dense(32, activation="relu"),
-                           keras.layers.Dense(32, activation="relu"),
-                           keras.layers.Dense(4)])
+  return keras.Sequential(
+      [
+          keras.Input((DIM,)),
+          keras.layers.Dense(32, activation="relu"),
+          keras.layers.Dense(32, activation="relu"),
+          keras.layers.Dense(4),
+      ]
+  )
 
 
 def relu_problem(n=64, seed=0):
   model = relu_model(seed)
   rng = np.random.default_rng(seed)
-  x = rng.uniform(0., 1., size=(n, DIM)).astype("float32")
+  x = rng.uniform(0.0, 1.0, size=(n, DIM)).astype("float32")
   x[: n // 4] = np.round(x[: n // 4])  # corners of the data range
   labels = np.argmax(model(x), axis=1)  # all correctly classified
   return model, x, labels
@@ -53,8 +58,9 @@ def test_fgsm_is_the_closed_form_linf_optimum():
   model, x, labels, direction = binary_problem()
   epsilon = 0.05
   expected = x + epsilon * np.sign(direction)
-  np.testing.assert_allclose(attacks.fgsm(model, x, labels, epsilon), expected,
-                             atol=1e-6)
+  np.testing.assert_allclose(
+      attacks.fgsm(model, x, labels, epsilon), expected, atol=1e-6
+  )
 
 
 @pytest.mark.parametrize("norm", [np.inf, 2])
@@ -65,22 +71,41 @@ def test_pgd_reaches_the_closed_form_optimum(norm):
   # u = sign(w_1 - w_0) (l_inf) or (w_1 - w_0) / ||w_1 - w_0||_2 (l_2).
   unit = np.sign(direction) if norm == np.inf else direction / np.linalg.norm(direction)
   optimum = x + epsilon * unit
-  x_adv = attacks.pgd(model, x, labels, epsilon, norm=norm, steps=40,
-                      step_size=epsilon / 2, random_start=True, seed=(3, 4))
+  x_adv = attacks.pgd(
+      model,
+      x,
+      labels,
+      epsilon,
+      norm=norm,
+      steps=40,
+      step_size=epsilon / 2,
+      random_start=True,
+      seed=(3, 4),
+  )
   np.testing.assert_allclose(x_adv, optimum, atol=1e-5)
-  np.testing.assert_allclose(xent(model, x_adv, labels), xent(model, optimum, labels),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+      xent(model, x_adv, labels), xent(model, optimum, labels), rtol=1e-5
+  )
 
 
 @pytest.mark.parametrize("norm", [np.inf, 2])
-@pytest.mark.parametrize("clip_range", [(0., 1.), (-1., 2.)])
+@pytest.mark.parametrize("clip_range", [(0.0, 1.0), (-1.0, 2.0)])
 def test_pgd_stays_inside_the_ball_and_the_data_range(norm, clip_range):
   model, x, labels = relu_problem()
   low, high = clip_range
   x = low + (high - low) * x
   epsilon = 0.3 if norm == np.inf else 1.5
-  x_adv = attacks.pgd(model, x, labels, epsilon, norm=norm, steps=7, step_size=epsilon,
-                      clip_min=low, clip_max=high).numpy()
+  x_adv = attacks.pgd(
+      model,
+      x,
+      labels,
+      epsilon,
+      norm=norm,
+      steps=7,
+      step_size=epsilon,
+      clip_min=low,
+      clip_max=high,
+  ).numpy()
   distances = attacks.margin.flat_norm(x_adv - x, norm).numpy()
   assert np.all(distances <= epsilon * (1 + 1e-6))
   assert np.all(x_adv >= low) and np.all(x_adv <= high)
@@ -94,8 +119,16 @@ def test_more_steps_never_lower_attack_success(norm):
   epsilon = 0.08 if norm == np.inf else 0.15
   successes = []
   for steps in range(1, 9):
-    x_adv = attacks.pgd(model, x, labels, epsilon, norm=norm, steps=steps,
-                        step_size=epsilon / 4, seed=(1, 2))
+    x_adv = attacks.pgd(
+        model,
+        x,
+        labels,
+        epsilon,
+        norm=norm,
+        steps=steps,
+        step_size=epsilon / 4,
+        seed=(1, 2),
+    )
     successes.append(np.argmax(model(x_adv), axis=1) != labels)
   for fewer, more in zip(successes, successes[1:]):
     assert np.all(more[fewer])  # every success with fewer steps is kept
@@ -105,19 +138,22 @@ def test_more_steps_never_lower_attack_success(norm):
 def test_iterative_fgsm_is_stronger_than_fgsm():
   model, x, labels = relu_problem(n=128)
   fgsm_success = np.argmax(model(attacks.fgsm(model, x, labels, 0.08)), 1) != labels
-  bim_success = np.argmax(
-      model(attacks.iterative_fgsm(model, x, labels, 0.08, steps=10)), 1) != labels
+  bim_success = (
+      np.argmax(model(attacks.iterative_fgsm(model, x, labels, 0.08, steps=10)), 1)
+      != labels
+  )
   assert bim_success.sum() > fgsm_success.sum()
   np.testing.assert_array_equal(
       attacks.iterative_fgsm(model, x, labels, 0.08, steps=10),
-      attacks.pgd(model, x, labels, 0.08, steps=10, random_start=False))
+      attacks.pgd(model, x, labels, 0.08, steps=10, random_start=False),
+  )
 
 
 def test_zero_epsilon_and_zero_sigma_leave_the_input_unchanged():
   model, x, labels = relu_problem()
-  np.testing.assert_array_equal(attacks.fgsm(model, x, labels, 0.), x)
-  np.testing.assert_array_equal(attacks.pgd(model, x, labels, 0., norm=2), x)
-  np.testing.assert_array_equal(attacks.gaussian_noise(x, 0.), x)
+  np.testing.assert_array_equal(attacks.fgsm(model, x, labels, 0.0), x)
+  np.testing.assert_array_equal(attacks.pgd(model, x, labels, 0.0, norm=2), x)
+  np.testing.assert_array_equal(attacks.gaussian_noise(x, 0.0), x)
 
 
 def test_gaussian_noise_statistics_seed_and_clipping():
@@ -127,8 +163,8 @@ def test_gaussian_noise_statistics_seed_and_clipping():
   assert abs(np.std(noisy - x) - 0.1) < 0.002
   np.testing.assert_array_equal(noisy, attacks.gaussian_noise(x, 0.1, seed=(5, 6)))
   assert not np.array_equal(noisy, attacks.gaussian_noise(x, 0.1, seed=(5, 7)))
-  clipped = attacks.gaussian_noise(x, 2., seed=(5, 6)).numpy()
-  assert clipped.min() == 0. and clipped.max() == 1.
+  clipped = attacks.gaussian_noise(x, 2.0, seed=(5, 6)).numpy()
+  assert clipped.min() == 0.0 and clipped.max() == 1.0
 
 
 def test_robust_accuracy_white_box_and_black_box():
@@ -142,16 +178,25 @@ def test_robust_accuracy_white_box_and_black_box():
     return np.mean(np.argmax(model(inputs), axis=1) == labels)
 
   white = attacks.robust_accuracy(model, dataset, "fgsm", epsilon=0.1)
-  black = attacks.robust_accuracy(model, dataset, "fgsm", source_model=source,
-                                  epsilon=0.1)
-  crafted = np.concatenate([attacks.fgsm(source, x[i:i + 16], labels[i:i + 16], 0.1)
-                            for i in range(0, 40, 16)])
+  black = attacks.robust_accuracy(
+      model, dataset, "fgsm", source_model=source, epsilon=0.1
+  )
+  crafted = np.concatenate(
+      [
+          attacks.fgsm(source, x[i : i + 16], labels[i : i + 16], 0.1)
+          for i in range(0, 40, 16)
+      ]
+  )
   assert white == pytest.approx(accuracy(attacks.fgsm(model, x, labels, 0.1)))
   assert black == pytest.approx(accuracy(crafted))
   assert white < black  # the two differ, so the source model was used
   noisy = attacks.robust_accuracy(model, dataset, "gaussian", sigma=0.2, seed=3)
-  by_hand = np.concatenate([attacks.gaussian_noise(x[i:i + 16], 0.2, seed=(3, i // 16))
-                            for i in range(0, 40, 16)])
+  by_hand = np.concatenate(
+      [
+          attacks.gaussian_noise(x[i : i + 16], 0.2, seed=(3, i // 16))
+          for i in range(0, 40, 16)
+      ]
+  )
   assert noisy == pytest.approx(accuracy(by_hand))
 
 
@@ -169,46 +214,54 @@ class TestErrors:
 
   def test_bad_sigma_steps_step_size(self):
     with pytest.raises(ValueError, match="sigma"):
-      attacks.gaussian_noise(self.x, -1.)
+      attacks.gaussian_noise(self.x, -1.0)
     with pytest.raises(ValueError, match="steps"):
       attacks.pgd(self.model, self.x, self.labels, 0.1, steps=0)
     with pytest.raises(ValueError, match="steps"):
       attacks.iterative_fgsm(self.model, self.x, self.labels, 0.1, steps=2.5)
     with pytest.raises(ValueError, match="step_size"):
-      attacks.pgd(self.model, self.x, self.labels, 0.1, step_size=-1.)
+      attacks.pgd(self.model, self.x, self.labels, 0.1, step_size=-1.0)
 
   @pytest.mark.parametrize("norm", [1, 3, "l2", None])
   def test_unknown_norm(self, norm):
     with pytest.raises(ValueError, match="norm must be 2 or np.inf"):
       attacks.pgd(self.model, self.x, self.labels, 0.1, norm=norm)
 
-  @pytest.mark.parametrize("output", [
-      lambda h: keras.layers.Dense(1)(h)[:, 0],                        # [batch]
-      lambda h: keras.layers.Reshape((2, 2))(keras.layers.Dense(4)(h)),  # [batch, 2, 2]
-      lambda h: [keras.layers.Dense(3)(h), keras.layers.Dense(3)(h)],  # two outputs
-  ])
+  @pytest.mark.parametrize(
+      "output",
+      [
+          lambda h: keras.layers.Dense(1)(h)[:, 0],  # [batch]
+          lambda h: keras.layers.Reshape((2, 2))(
+              keras.layers.Dense(4)(h)
+          ),  # [batch, 2, 2]
+          lambda h: [keras.layers.Dense(3)(h), keras.layers.Dense(3)(h)],  # two outputs
+      ],
+  )
   def test_model_without_logits_of_the_right_shape(self, output):
     inputs = keras.Input((DIM,))
     model = keras.Model(inputs, output(inputs))
     with pytest.raises(ValueError, match=r"logits of shape \[batch, classes\]"):
       attacks.fgsm(model, self.x, self.labels, 0.1)
 
-  @pytest.mark.parametrize("labels, match", [
-      ([0, 1, 2, 4], r"labels must be in \[0, 4\).*labels\[3\] = 4"),
-      ([0, -1, 2, 3], r"labels\[1\] = -1"),
-      ([0., 1., 2., 3.], "integer"),
-      ([0, 1, 2], r"shape \[batch\] = \(4,\)"),
-      ([[0], [1], [2], [3]], "shape"),
-  ])
+  @pytest.mark.parametrize(
+      "labels, match",
+      [
+          ([0, 1, 2, 4], r"labels must be in \[0, 4\).*labels\[3\] = 4"),
+          ([0, -1, 2, 3], r"labels\[1\] = -1"),
+          ([0.0, 1.0, 2.0, 3.0], "integer"),
+          ([0, 1, 2], r"shape \[batch\] = \(4,\)"),
+          ([[0], [1], [2], [3]], "shape"),
+      ],
+  )
   def test_bad_labels(self, labels, match):
     with pytest.raises(ValueError, match=match):
       attacks.pgd(self.model, self.x, np.array(labels), 0.1)
 
   def test_inputs_outside_the_data_range_or_bad_range(self):
     with pytest.raises(ValueError, match=r"data range .*\[0.0, 1.0\]"):
-      attacks.fgsm(self.model, self.x + 1., self.labels, 0.1)
+      attacks.fgsm(self.model, self.x + 1.0, self.labels, 0.1)
     with pytest.raises(ValueError, match="clip_min must be < clip_max"):
-      attacks.fgsm(self.model, self.x, self.labels, 0.1, clip_min=1., clip_max=0.)
+      attacks.fgsm(self.model, self.x, self.labels, 0.1, clip_min=1.0, clip_max=0.0)
     with pytest.raises(ValueError, match="float"):
       attacks.fgsm(self.model, np.zeros((4, DIM), np.int32), self.labels, 0.1)
 

@@ -22,8 +22,11 @@ def free_port():
 def start(strategy, out, env=None):
   return subprocess.Popen(
       [sys.executable, RUN, f"--strategy={strategy}", f"--out={out}"],
-      env=dict(os.environ, **(env or {})), stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT, text=True)
+      env=dict(os.environ, **(env or {})),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+  )
 
 
 def finish(process, timeout=300):
@@ -54,8 +57,10 @@ def test_weights_move(single_device, tmp_path):
   out = tmp_path / "untrained.npz"
   finish(start("untrained", out))
   initial = load(out)
-  assert max(np.abs(initial[k] - single_device[k]).max()
-             for k in initial if k != "loss") > 1e-2
+  assert (
+      max(np.abs(initial[k] - single_device[k]).max() for k in initial if k != "loss")
+      > 1e-2
+  )
 
 
 def test_mirrored_two_devices_matches_single_device(single_device, tmp_path):
@@ -68,9 +73,17 @@ def test_multi_worker_matches_single_process(single_device, tmp_path):
   ports = [free_port(), free_port()]
   cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
   workers = [
-      start("multi_worker", tmp_path / f"w{i}.npz", env={"TF_CONFIG": json.dumps(
-          {"cluster": cluster, "task": {"type": "worker", "index": i}})})
-      for i in range(2)]
+      start(
+          "multi_worker",
+          tmp_path / f"w{i}.npz",
+          env={
+              "TF_CONFIG": json.dumps(
+                  {"cluster": cluster, "task": {"type": "worker", "index": i}}
+              )
+          },
+      )
+      for i in range(2)
+  ]
   for worker in workers:
     finish(worker)
   for i in range(2):

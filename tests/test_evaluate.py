@@ -26,10 +26,11 @@ def tiny_model(path, seed, loss):
   x, y, _, _ = datasets.load_dataset("mnist")
   inputs = keras.Input((28, 28, 1))
   h = keras.layers.Dense(16, activation="relu", name="fc0")(
-      keras.layers.Flatten()(inputs))
+      keras.layers.Flatten()(inputs)
+  )
   model = tlm.MarginModel(inputs, keras.layers.Dense(10)(h), margin_layers=["input"])
   model.compile(keras.optimizers.Adam(3e-3), loss=loss)
-  model.fit(x[:1000] / 255., y[:1000], batch_size=50, epochs=1, verbose=0)
+  model.fit(x[:1000] / 255.0, y[:1000], batch_size=50, epochs=1, verbose=0)
   model.save(path)
   return model
 
@@ -37,25 +38,47 @@ def tiny_model(path, seed, loss):
 @pytest.fixture(scope="module")
 def evaluation(tmp_path_factory):
   directory = tmp_path_factory.mktemp("evaluate")
-  source = tiny_model(str(directory / "xent.keras"), 0,
-                      keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-  target = tiny_model(str(directory / "margin.keras"), 1,
-                      tlm.LargeMarginLoss(gamma=1., cross_entropy_weight=1.))
+  source = tiny_model(
+      str(directory / "xent.keras"),
+      0,
+      keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+  )
+  target = tiny_model(
+      str(directory / "margin.keras"),
+      1,
+      tlm.LargeMarginLoss(gamma=1.0, cross_entropy_weight=1.0),
+  )
   output = directory / "out"
   run = subprocess.run(
-      [sys.executable, SCRIPT, f"--model={directory / 'xent.keras'},"
-       f"{directory / 'margin.keras'}", f"--source_model={directory / 'xent.keras'}",
-       "--data_source=embedded", f"--num_examples={NUM_EXAMPLES}",
-       f"--batch_size={BATCH_SIZE}", "--epsilons=0,0.1", "--sigmas=0.3",
-       "--ifgsm_steps=3", "--margin_layers=input,fc0", "--deepfool_steps=10",
-       "--thresholds=0.5", "--seed=4", f"--output_dir={output}"],
-      capture_output=True, text=True, timeout=300, check=False)
+      [
+          sys.executable,
+          SCRIPT,
+          f"--model={directory / 'xent.keras'}," f"{directory / 'margin.keras'}",
+          f"--source_model={directory / 'xent.keras'}",
+          "--data_source=embedded",
+          f"--num_examples={NUM_EXAMPLES}",
+          f"--batch_size={BATCH_SIZE}",
+          "--epsilons=0,0.1",
+          "--sigmas=0.3",
+          "--ifgsm_steps=3",
+          "--margin_layers=input,fc0",
+          "--deepfool_steps=10",
+          "--thresholds=0.5",
+          "--seed=4",
+          f"--output_dir={output}",
+      ],
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=False,
+  )
   assert run.returncode == 0, run.stderr[-3000:]
   with open(output / "eval.json", encoding="utf-8") as f:
     report = json.load(f)
   _, _, x_test, y_test = datasets.load_dataset("mnist")
-  dataset = datasets.make_tf_dataset(x_test[:NUM_EXAMPLES], y_test[:NUM_EXAMPLES],
-                                     BATCH_SIZE, training=False)
+  dataset = datasets.make_tf_dataset(
+      x_test[:NUM_EXAMPLES], y_test[:NUM_EXAMPLES], BATCH_SIZE, training=False
+  )
   return report, run.stdout, output, source, target, dataset
 
 
@@ -64,8 +87,14 @@ def test_report_keys(evaluation):
   assert report["num_examples"] == NUM_EXAMPLES
   assert sorted(report["models"]) == ["margin", "xent"]
   margin_result = report["models"]["margin"]
-  assert sorted(margin_result) == ["black_box", "clean_accuracy", "gaussian", "margins",
-                                   "path", "white_box"]
+  assert sorted(margin_result) == [
+      "black_box",
+      "clean_accuracy",
+      "gaussian",
+      "margins",
+      "path",
+      "white_box",
+  ]
   assert "black_box" not in report["models"]["xent"]  # the source itself
   for curves in (margin_result["white_box"], margin_result["black_box"]):
     assert sorted(curves) == ["fgsm", "iterative_fgsm"]
@@ -82,31 +111,43 @@ def test_report_values_equal_the_library(evaluation):
   assert result["clean_accuracy"] == pytest.approx(clean)
   assert result["white_box"]["fgsm"]["0.0"] == pytest.approx(clean)
   assert result["white_box"]["fgsm"]["0.1"] == pytest.approx(
-      attacks.robust_accuracy(target, dataset, "fgsm", epsilon=0.1))
+      attacks.robust_accuracy(target, dataset, "fgsm", epsilon=0.1)
+  )
   assert result["white_box"]["iterative_fgsm"]["0.1"] == pytest.approx(
-      attacks.robust_accuracy(target, dataset, "iterative_fgsm", epsilon=0.1, steps=3))
+      attacks.robust_accuracy(target, dataset, "iterative_fgsm", epsilon=0.1, steps=3)
+  )
   assert result["black_box"]["fgsm"]["0.1"] == pytest.approx(
-      attacks.robust_accuracy(target, dataset, "fgsm", source_model=source,
-                              epsilon=0.1))
+      attacks.robust_accuracy(target, dataset, "fgsm", source_model=source, epsilon=0.1)
+  )
   assert result["gaussian"]["0.3"] == pytest.approx(
-      attacks.robust_accuracy(target, dataset, "gaussian", sigma=0.3, seed=4))
+      attacks.robust_accuracy(target, dataset, "gaussian", sigma=0.3, seed=4)
+  )
   assert result["white_box"]["fgsm"]["0.1"] < clean  # the attack did something
-  values = margins.dataset_margins(target, dataset, ["input", "fc0"], dist_norm=2,
-                                   deepfool_steps=10)
+  values = margins.dataset_margins(
+      target, dataset, ["input", "fc0"], dist_norm=2, deepfool_steps=10
+  )
   summary = margins.summarize_margins(values, thresholds=[0.5])
   for name in ("input", "fc0", "linearized", "deepfool"):
     assert result["margins"][name]["count"] == round(clean * NUM_EXAMPLES)
-    assert result["margins"][name]["median"] == pytest.approx(summary[name]["median"],
-                                                              rel=1e-5)
+    assert result["margins"][name]["median"] == pytest.approx(
+        summary[name]["median"], rel=1e-5
+    )
     assert result["margins"][name]["fraction_below"]["0.5"] == pytest.approx(
-        summary[name]["fraction_below"]["0.5"])
+        summary[name]["fraction_below"]["0.5"]
+    )
   assert report["models"]["xent"]["clean_accuracy"] == pytest.approx(
-      attacks.robust_accuracy(source, dataset))
+      attacks.robust_accuracy(source, dataset)
+  )
 
 
 def test_plots_and_progress(evaluation):
   _, stdout, output, _, _, _ = evaluation
-  for name in ("accuracy_vs_epsilon", "gaussian_noise", "margins_xent", "margins_margin"):
+  for name in (
+      "accuracy_vs_epsilon",
+      "gaussian_noise",
+      "margins_xent",
+      "margins_margin",
+  ):
     with open(output / f"{name}.png", "rb") as f:
       content = f.read()
     assert content.startswith(b"\x89PNG") and len(content) > 10_000, name
@@ -114,7 +155,16 @@ def test_plots_and_progress(evaluation):
 
 
 def test_missing_model_file(tmp_path):
-  run = subprocess.run([sys.executable, SCRIPT, f"--model={tmp_path / 'none.keras'}",
-                        f"--output_dir={tmp_path}"],
-                       capture_output=True, text=True, timeout=120, check=False)
+  run = subprocess.run(
+      [
+          sys.executable,
+          SCRIPT,
+          f"--model={tmp_path / 'none.keras'}",
+          f"--output_dir={tmp_path}",
+      ],
+      capture_output=True,
+      text=True,
+      timeout=120,
+      check=False,
+  )
   assert run.returncode != 0 and "No model file" in run.stderr

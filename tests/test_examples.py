@@ -19,8 +19,9 @@ import pytest
 import tf_large_margin as tlm
 import tf_large_margin.optimizers  # pylint: disable=unused-import
 
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                        "examples")
+EXAMPLES = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"
+)
 FAST = ["--train_steps=4", "--steps_per_loop=2", "--batch_size=16", "--verbose=2"]
 
 # Runs an example with a callback that SIGKILLs the process at the end of a loop
@@ -48,8 +49,14 @@ exec(compile(open(sys.argv[0]).read(), sys.argv[0], "exec"), {{"__name__": "__ma
 
 def run(args, check=True):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-  process = subprocess.run([sys.executable] + args, capture_output=True, text=True,
-                           env=env, timeout=300, check=False)
+  process = subprocess.run(
+      [sys.executable] + args,
+      capture_output=True,
+      text=True,
+      env=env,
+      timeout=300,
+      check=False,
+  )
   if check:
     assert process.returncode == 0, process.stdout[-2000:] + process.stderr[-3000:]
   return process
@@ -77,7 +84,7 @@ def compiled_loss_name(model_path):
 def check_common_results(results, stdout, model_dir, steps=(2, 4)):
   assert results["train_steps"] == steps[-1]
   assert [row["step"] for row in results["history"]] == list(steps)
-  assert 0. <= results["test_accuracy"] <= 1.
+  assert 0.0 <= results["test_accuracy"] <= 1.0
   assert f"clean test accuracy: {results['test_accuracy']:.4f}" in stdout
   assert os.listdir(os.path.join(model_dir, "tensorboard"))
   assert not os.path.exists(os.path.join(model_dir, "backup"))  # done: removed.
@@ -85,9 +92,16 @@ def check_common_results(results, stdout, model_dir, steps=(2, 4)):
 
 def test_mnist_margin_with_validation_noise_and_subset(tmp_path):
   results, stdout = run_example(
-      "mnist.py", tmp_path, *FAST, "--num_validation=300", "--num_train_examples=200",
-      "--noisy_label_fraction=0.4", "--gamma=0.5", "--dist_norm=2",
-      "--margin_layers=input,conv1")
+      "mnist.py",
+      tmp_path,
+      *FAST,
+      "--num_validation=300",
+      "--num_train_examples=200",
+      "--noisy_label_fraction=0.4",
+      "--gamma=0.5",
+      "--dist_norm=2",
+      "--margin_layers=input,conv1",
+  )
   check_common_results(results, stdout, tmp_path)
   assert results["flags"]["loss"] == "margin"
   assert results["flags"]["gamma"] == 0.5
@@ -98,7 +112,7 @@ def test_mnist_margin_with_validation_noise_and_subset(tmp_path):
   best = max(history, key=lambda row: row["val_accuracy"])
   assert results["best_validation_accuracy"] == best["val_accuracy"]
   assert results["best_validation_step"] == best["step"]
-  assert 0. <= results["best_validation_test_accuracy"] <= 1.
+  assert 0.0 <= results["best_validation_test_accuracy"] <= 1.0
   assert os.path.exists(tmp_path / "best.weights.h5")
   model = keras.saving.load_model(tmp_path / "model.keras")
   assert model.margin_layers == ["input", "conv1"]
@@ -106,13 +120,20 @@ def test_mnist_margin_with_validation_noise_and_subset(tmp_path):
   assert int(model.optimizer.iterations) == 4
 
 
-@pytest.mark.parametrize("loss,expected", [
-    ("xent", "SparseCategoricalCrossentropy"), ("hinge", "MulticlassHinge"),
-    ("jacobian", "MulticlassHinge"), ("amsoftmax", "AMSoftmax"),
-    ("arcface", "ArcFace")])
+@pytest.mark.parametrize(
+    "loss,expected",
+    [
+        ("xent", "SparseCategoricalCrossentropy"),
+        ("hinge", "MulticlassHinge"),
+        ("jacobian", "MulticlassHinge"),
+        ("amsoftmax", "AMSoftmax"),
+        ("arcface", "ArcFace"),
+    ],
+)
 def test_mnist_other_losses(tmp_path, loss, expected):
-  results, stdout = run_example("mnist.py", tmp_path, *FAST, f"--loss={loss}",
-                                "--xent_weight=0.1")
+  results, stdout = run_example(
+      "mnist.py", tmp_path, *FAST, f"--loss={loss}", "--xent_weight=0.1"
+  )
   check_common_results(results, stdout, tmp_path)
   assert results["history"][0]["loss"] > 0
   assert compiled_loss_name(tmp_path / "model.keras") == expected
@@ -124,23 +145,31 @@ def test_mnist_other_losses(tmp_path, loss, expected):
 
 
 def test_mnist_original_config_and_overrides(tmp_path):
-  results, stdout = run_example("mnist.py", tmp_path, "--config=original",
-                                "--epochs=0", "--gamma=3", *FAST)
+  results, stdout = run_example(
+      "mnist.py", tmp_path, "--config=original", "--epochs=0", "--gamma=3", *FAST
+  )
   check_common_results(results, stdout, tmp_path)
   flags = results["flags"]
-  assert flags["gamma"] == 3.  # the command line wins over the config
-  assert (flags["optimizer"], flags["learning_rate"], flags["optimizer_epsilon"],
-          flags["weight_decay"], flags["layers_weights"], flags["clip_norm"],
-          flags["margin_epsilon"], flags["alpha_factor"]) == (
-              "rmsprop_tf1", 0.1, 1e-2, 5e-4, "size", 5., 1e-6, 4.)
+  assert flags["gamma"] == 3.0  # the command line wins over the config
+  assert (
+      flags["optimizer"],
+      flags["learning_rate"],
+      flags["optimizer_epsilon"],
+      flags["weight_decay"],
+      flags["layers_weights"],
+      flags["clip_norm"],
+      flags["margin_epsilon"],
+      flags["alpha_factor"],
+  ) == ("rmsprop_tf1", 0.1, 1e-2, 5e-4, "size", 5.0, 1e-6, 4.0)
   model = keras.saving.load_model(tmp_path / "model.keras")
   assert type(model.optimizer).__name__ == "RMSpropTF1"
   assert model.layers_weights == "size"
 
 
 def test_mnist_mirrored_on_two_logical_cpus(tmp_path):
-  results, stdout = run_example("mnist.py", tmp_path, *FAST, "--strategy=mirrored",
-                                "--num_logical_cpus=2")
+  results, stdout = run_example(
+      "mnist.py", tmp_path, *FAST, "--strategy=mirrored", "--num_logical_cpus=2"
+  )
   check_common_results(results, stdout, tmp_path)
   assert results["num_replicas"] == 2
 
@@ -149,12 +178,28 @@ def test_mnist_multi_worker_two_processes(tmp_path):
   """Two local workers; the chief (worker 0) writes the results, worker 1 its own
   scratch directory."""
   cluster = {"worker": [f"127.0.0.1:{free_port()}" for _ in range(2)]}
-  workers = [subprocess.Popen(
-      [sys.executable, os.path.join(EXAMPLES, "mnist.py"), f"--model_dir={tmp_path}",
-       "--strategy=multi_worker", *FAST],
-      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TF_CONFIG=json.dumps(
-          {"cluster": cluster, "task": {"type": "worker", "index": i}})),
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  workers = [
+      subprocess.Popen(
+          [
+              sys.executable,
+              os.path.join(EXAMPLES, "mnist.py"),
+              f"--model_dir={tmp_path}",
+              "--strategy=multi_worker",
+              *FAST,
+          ],
+          env=dict(
+              os.environ,
+              TF_CPP_MIN_LOG_LEVEL="2",
+              TF_CONFIG=json.dumps(
+                  {"cluster": cluster, "task": {"type": "worker", "index": i}}
+              ),
+          ),
+          stdout=subprocess.PIPE,
+          stderr=subprocess.STDOUT,
+          text=True,
+      )
+      for i in range(2)
+  ]
   outputs = [worker.communicate(timeout=300)[0] for worker in workers]
   for worker, output in zip(workers, outputs):
     assert worker.returncode == 0, output[-3000:]
@@ -167,8 +212,14 @@ def test_mnist_multi_worker_two_processes(tmp_path):
 
 
 def test_killed_run_resumes_where_it_stopped(tmp_path):
-  flags = [os.path.join(EXAMPLES, "mnist.py"), f"--model_dir={tmp_path}",
-           "--train_steps=8", "--steps_per_loop=2", "--batch_size=16", "--verbose=2"]
+  flags = [
+      os.path.join(EXAMPLES, "mnist.py"),
+      f"--model_dir={tmp_path}",
+      "--train_steps=8",
+      "--steps_per_loop=2",
+      "--batch_size=16",
+      "--verbose=2",
+  ]
   killed = run(["-c", KILLER.format(examples=EXAMPLES), "2"] + flags, check=False)
   assert killed.returncode == -9, killed.stderr[-3000:]
   assert "Epoch 2/4" in killed.stdout and "Epoch 3/4" not in killed.stdout
@@ -189,7 +240,9 @@ def write_cifar10_binary(directory, records_per_file=16):
   for name in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
     labels = np.arange(records_per_file, dtype=np.uint8) % 10
     images = rng.integers(0, 256, size=(records_per_file, 3072), dtype=np.uint8)
-    (directory / name).write_bytes(np.concatenate([labels[:, None], images], 1).tobytes())
+    (directory / name).write_bytes(
+        np.concatenate([labels[:, None], images], 1).tobytes()
+    )
 
 
 def test_cifar10_small_resnet(tmp_path):
@@ -198,14 +251,24 @@ def test_cifar10_small_resnet(tmp_path):
   write_cifar10_binary(data)
   model_dir = tmp_path / "model"
   results, stdout = run_example(
-      "cifar10.py", model_dir, f"--data_source={data}", "--depth=8", "--width=4",
-      "--num_margin_layers=3", "--num_validation=16", *FAST)
+      "cifar10.py",
+      model_dir,
+      f"--data_source={data}",
+      "--depth=8",
+      "--width=4",
+      "--num_margin_layers=3",
+      "--num_validation=16",
+      *FAST,
+  )
   check_common_results(results, stdout, model_dir)
   assert results["num_train_examples"] == 5 * 16 - 16
   flags = results["flags"]
   assert flags["margin_layers"] == ["input", "block1", "block2"]
   assert (flags["dist_norm"], flags["optimizer"], flags["lr_schedule"]) == (
-      "2", "momentum", "piecewise")
+      "2",
+      "momentum",
+      "piecewise",
+  )
   assert "val_accuracy" in results["history"][-1]
 
 
@@ -216,13 +279,21 @@ def test_imagenet_on_made_up_images(tmp_path):
       folder = tmp_path / "data" / split / label
       folder.mkdir(parents=True)
       for i in range(4):
-        keras.utils.save_img(folder / f"{i}.png",
-                             rng.integers(0, 256, size=(40, 50, 3)).astype("uint8"))
+        keras.utils.save_img(
+            folder / f"{i}.png", rng.integers(0, 256, size=(40, 50, 3)).astype("uint8")
+        )
   model_dir = tmp_path / "model"
   results, stdout = run_example(
-      "imagenet.py", model_dir, f"--data_source={tmp_path / 'data'}",
-      "--image_size=75", "--train_steps=2", "--steps_per_loop=1", "--batch_size=4",
-      "--margin_layers=input,mixed0", "--verbose=2")
+      "imagenet.py",
+      model_dir,
+      f"--data_source={tmp_path / 'data'}",
+      "--image_size=75",
+      "--train_steps=2",
+      "--steps_per_loop=1",
+      "--batch_size=4",
+      "--margin_layers=input,mixed0",
+      "--verbose=2",
+  )
   check_common_results(results, stdout, model_dir, steps=(1, 2))
   assert results["num_train_examples"] == 8
   assert (results["flags"]["dist_norm"], results["flags"]["top_k"]) == ("1", 1)
@@ -232,8 +303,14 @@ def test_imagenet_on_made_up_images(tmp_path):
 
 
 def test_imagenet_needs_a_data_source(tmp_path):
-  process = run([os.path.join(EXAMPLES, "imagenet.py"), f"--model_dir={tmp_path}",
-                 f"--data_source={tmp_path / 'missing'}"], check=False)
+  process = run(
+      [
+          os.path.join(EXAMPLES, "imagenet.py"),
+          f"--model_dir={tmp_path}",
+          f"--data_source={tmp_path / 'missing'}",
+      ],
+      check=False,
+  )
   assert process.returncode != 0
   assert "must be 'tfds' or a directory" in process.stderr
 
@@ -243,12 +320,14 @@ def reproduce_mnist(monkeypatch):
   """examples/reproduce_mnist.py imported, its flags parsed anew per test."""
   monkeypatch.syspath_prepend(EXAMPLES)
   import reproduce_mnist as module  # pylint: disable=import-outside-toplevel
+
   yield module
   module.FLAGS.unparse_flags()
 
 
 def fake_run(calls):
   """A stand-in for reproduce_mnist.run: results from the flags, no training."""
+
   def run_(name, steps, *run_flags):
     values = dict(f.lstrip("-").split("=", 1) for f in run_flags)
     calls.append((name, steps, values))
@@ -256,24 +335,37 @@ def fake_run(calls):
     size = int(values.get("num_train_examples", 1000))
     noise = float(values["noisy_label_fraction"])
     accuracy = (0.5 if values["loss"] == "xent" else 0.6) - noise / 2 + size / 1e5
-    return {"best_validation_accuracy": -abs(gamma - 2.), "num_train_examples": size,
-            "best_validation_test_accuracy": accuracy}
+    return {
+        "best_validation_accuracy": -abs(gamma - 2.0),
+        "num_train_examples": size,
+        "best_validation_test_accuracy": accuracy,
+    }
+
   return run_
 
 
 def test_reproduce_mnist_tables_and_selection(reproduce_mnist, monkeypatch, tmp_path):
   calls = []
   monkeypatch.setattr(reproduce_mnist, "run", fake_run(calls))
-  reproduce_mnist.FLAGS(["reproduce_mnist.py", f"--out_dir={tmp_path}",
-                         "--norms=2", "--search_grid=2:0.5,2/1,8",
-                         "--noise_fractions=0,0.8", "--train_sizes=68",
-                         "--size_norm=2"])
+  reproduce_mnist.FLAGS(
+      [
+          "reproduce_mnist.py",
+          f"--out_dir={tmp_path}",
+          "--norms=2",
+          "--search_grid=2:0.5,2/1,8",
+          "--noise_fractions=0,0.8",
+          "--train_sizes=68",
+          "--size_norm=2",
+      ]
+  )
   reproduce_mnist.main(None)
-  searched = [(v["gamma"], v["alpha_factor"]) for n, _, v in calls
-              if n.startswith("search_")]
+  searched = [
+      (v["gamma"], v["alpha_factor"]) for n, _, v in calls if n.startswith("search_")
+  ]
   assert searched == [("0.5", "4.0"), ("2.0", "1.0"), ("8.0", "4.0")]
-  margin_runs = [v for n, _, v in calls
-                 if not n.startswith("search_") and v["loss"] == "margin"]
+  margin_runs = [
+      v for n, _, v in calls if not n.startswith("search_") and v["loss"] == "margin"
+  ]
   assert {(v["gamma"], v["alpha_factor"]) for v in margin_runs} == {("2.0", "1.0")}
   report = (tmp_path / "results.md").read_text()
   assert "l2: (2.0, 1.0)" in report
@@ -287,11 +379,22 @@ def test_reproduce_mnist_tables_and_selection(reproduce_mnist, monkeypatch, tmp_
 def test_reproduce_mnist_end_to_end(tmp_path):
   """Three real mnist.py runs: the search point and xent / margin at 0 % noise (the
   full-size point of sweep (b) reuses them)."""
-  process = run([os.path.join(EXAMPLES, "reproduce_mnist.py"), f"--out_dir={tmp_path}",
-                 "--num_validation=300", "--train_steps=2", "--search_steps=2",
-                 "--steps_per_loop=1", "--batch_size=16", "--norms=inf",
-                 "--search_grid=inf:0.2", "--noise_fractions=0", "--train_sizes=",
-                 "--size_norm=inf"])
+  process = run(
+      [
+          os.path.join(EXAMPLES, "reproduce_mnist.py"),
+          f"--out_dir={tmp_path}",
+          "--num_validation=300",
+          "--train_steps=2",
+          "--search_steps=2",
+          "--steps_per_loop=1",
+          "--batch_size=16",
+          "--norms=inf",
+          "--search_grid=inf:0.2",
+          "--noise_fractions=0",
+          "--train_sizes=",
+          "--size_norm=inf",
+      ]
+  )
   assert len(os.listdir(tmp_path / "runs")) == 3
   report = (tmp_path / "results.md").read_text()
   assert "| 0% |" in report and "| 9700 |" in report  # 10k sample - 300 validation

@@ -11,28 +11,37 @@ from tf_large_margin import margin
 rng = np.random.default_rng(0)
 LOGITS = rng.normal(size=(8, 5)).astype("float32") * 2
 LABELS = rng.integers(0, 5, size=8)
-KWARGS = dict(gamma=0.4, alpha_factor=3., top_k=3, dist_norm=1, worst_case_loss=False)
+KWARGS = dict(gamma=0.4, alpha_factor=3.0, top_k=3, dist_norm=1, worst_case_loss=False)
 
 
-def per_example_reference(logits, labels, xent_weight=0.):
+def per_example_reference(logits, labels, xent_weight=0.0):
   """Eq. 10 at the logits with explicit per-example tapes, plus cross-entropy."""
   values = []
   for b in range(len(labels)):
-    z = tf.constant(logits[b:b + 1])
+    z = tf.constant(logits[b : b + 1])
     with tf.GradientTape(persistent=True) as tape:
       tape.watch(z)
-      out = z * 1.
-    values.append(margin.large_margin(
-        logits=out, one_hot_labels=tf.one_hot(labels[b:b + 1], 5), layers_list=[out],
-        tape=tape, **KWARGS).numpy())
+      out = z * 1.0
+    values.append(
+        margin.large_margin(
+            logits=out,
+            one_hot_labels=tf.one_hot(labels[b : b + 1], 5),
+            layers_list=[out],
+            tape=tape,
+            **KWARGS
+        ).numpy()
+    )
   xent = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
   return np.array(values) + xent_weight * xent.numpy()
 
 
 def test_value_equals_large_margin_at_logits_per_example():
   loss = tlm.LargeMarginLoss(reduction=None, cross_entropy_weight=0.3, **KWARGS)
-  np.testing.assert_allclose(loss(LABELS, LOGITS).numpy(),
-                             per_example_reference(LOGITS, LABELS, 0.3), rtol=1e-5)
+  np.testing.assert_allclose(
+      loss(LABELS, LOGITS).numpy(),
+      per_example_reference(LOGITS, LABELS, 0.3),
+      rtol=1e-5,
+  )
 
 
 def test_sparse_column_and_one_hot_labels_agree():
@@ -48,28 +57,40 @@ def test_sample_weight_and_reductions():
   for reduction, expected in [
       ("sum_over_batch_size", np.sum(per_example * weights) / 8),
       ("sum", np.sum(per_example * weights)),
-      ("mean_with_sample_weight", np.sum(per_example * weights) / weights.sum())]:
+      ("mean_with_sample_weight", np.sum(per_example * weights) / weights.sum()),
+  ]:
     loss = tlm.LargeMarginLoss(reduction=reduction, **KWARGS)
-    np.testing.assert_allclose(loss(LABELS, LOGITS, sample_weight=weights).numpy(),
-                               expected, rtol=1e-5)
+    np.testing.assert_allclose(
+        loss(LABELS, LOGITS, sample_weight=weights).numpy(), expected, rtol=1e-5
+    )
 
 
 def test_from_logits_false_takes_log_probabilities():
   probs = tf.nn.softmax(LOGITS).numpy()
   on_probs = tlm.LargeMarginLoss(from_logits=False, reduction=None, **KWARGS)
   on_log_probs = tlm.LargeMarginLoss(reduction=None, **KWARGS)
-  np.testing.assert_allclose(on_probs(LABELS, probs).numpy(),
-                             on_log_probs(LABELS, np.log(probs)).numpy(), rtol=1e-5)
+  np.testing.assert_allclose(
+      on_probs(LABELS, probs).numpy(),
+      on_log_probs(LABELS, np.log(probs)).numpy(),
+      rtol=1e-5,
+  )
 
 
 def test_compile_fit_save_load(tmp_path):
   x = rng.normal(size=(64, 10)).astype("float32")
   y = (x[:, 0] > 0).astype("int64") + 2 * (x[:, 1] > 0)
   keras.utils.set_random_seed(0)
-  model = keras.Sequential([keras.Input((10,)), keras.layers.Dense(16, activation="relu"),
-                            keras.layers.Dense(4)])
-  model.compile(keras.optimizers.Adam(1e-2),
-                loss=tlm.LargeMarginLoss(gamma=1., dist_norm=np.inf, top_k=2))
+  model = keras.Sequential(
+      [
+          keras.Input((10,)),
+          keras.layers.Dense(16, activation="relu"),
+          keras.layers.Dense(4),
+      ]
+  )
+  model.compile(
+      keras.optimizers.Adam(1e-2),
+      loss=tlm.LargeMarginLoss(gamma=1.0, dist_norm=np.inf, top_k=2),
+  )
   history = model.fit(x, y, epochs=20, verbose=0).history["loss"]
   assert history[-1] < history[0] - 0.1
   path = str(tmp_path / "m.keras")
@@ -77,8 +98,9 @@ def test_compile_fit_save_load(tmp_path):
   loaded = keras.models.load_model(path)
   assert loaded.loss.get_config() == model.loss.get_config()
   assert loaded.loss.dist_norm == np.inf
-  np.testing.assert_allclose(loaded.evaluate(x, y, verbose=0), model.evaluate(x, y, verbose=0),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+      loaded.evaluate(x, y, verbose=0), model.evaluate(x, y, verbose=0), rtol=1e-6
+  )
 
 
 def test_serialization_round_trip():
@@ -88,17 +110,24 @@ def test_serialization_round_trip():
   assert restored.get_config() == loss.get_config()
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(dist_norm=0), "dist_norm"), (dict(top_k=0), "top_k"),
-    (dict(cross_entropy_weight=-1.), "cross_entropy_weight"),
-    (dict(epsilon=-1.), "epsilon")])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(dist_norm=0), "dist_norm"),
+        (dict(top_k=0), "top_k"),
+        (dict(cross_entropy_weight=-1.0), "cross_entropy_weight"),
+        (dict(epsilon=-1.0), "epsilon"),
+    ],
+)
 def test_bad_hyperparameters(kwargs, match):
   with pytest.raises(ValueError, match=match):
     tlm.LargeMarginLoss(**kwargs)
 
 
 def test_bad_labels_and_top_k():
-  with pytest.raises(ValueError, match=r"Labels must be integer class ids.*got shape \(8, 3\)"):
+  with pytest.raises(
+      ValueError, match=r"Labels must be integer class ids.*got shape \(8, 3\)"
+  ):
     tlm.LargeMarginLoss()(np.zeros((8, 3)), LOGITS)
   with pytest.raises(ValueError, match=r"top_k must be in \[1, num_classes=5\]"):
     tlm.LargeMarginLoss(top_k=6)(LABELS, LOGITS)
@@ -108,12 +137,15 @@ class TestAggregation:
   """Survey Eq. 6 options: shrinkage r, aggregation over T, T = correct examples."""
 
   def per_example(self, **kwargs):
-    return tlm.LargeMarginLoss(reduction=None, **KWARGS, **kwargs)(LABELS, LOGITS).numpy()
+    return tlm.LargeMarginLoss(reduction=None, **KWARGS, **kwargs)(
+        LABELS, LOGITS
+    ).numpy()
 
   def test_defaults_are_the_original(self):
     np.testing.assert_array_equal(
         self.per_example(shrinkage="clip", aggregation="mean", correct_only=False),
-        self.per_example())
+        self.per_example(),
+    )
 
   def test_min_picks_the_smallest_margin(self):
     losses = self.per_example()
@@ -132,7 +164,8 @@ class TestAggregation:
     value = tlm.LargeMarginLoss(correct_only=True, **KWARGS)(LABELS, LOGITS)
     np.testing.assert_allclose(value.numpy(), losses[correct].mean(), rtol=1e-6)
     value = tlm.LargeMarginLoss(correct_only=True, aggregation="min", **KWARGS)(
-        LABELS, LOGITS)
+        LABELS, LOGITS
+    )
     np.testing.assert_allclose(value.numpy(), losses[correct].max(), rtol=1e-6)
 
   def test_identity_shrinkage_is_minus_distance(self):
@@ -142,8 +175,9 @@ class TestAggregation:
     grads = margin.probability_difference_cotangents(probs, tf.one_hot(LABELS, 5), idx)
     norms = np.stack([np.abs(g.numpy()).max(axis=1) for g in grads], axis=1)  # linf
     distances = diff.numpy() / (norms + 1e-8)
-    np.testing.assert_allclose(self.per_example(shrinkage="identity"),
-                               -distances.sum(axis=1), rtol=1e-5)
+    np.testing.assert_allclose(
+        self.per_example(shrinkage="identity"), -distances.sum(axis=1), rtol=1e-5
+    )
 
   def test_callable_shrinkage_serialises(self):
     loss = tlm.LargeMarginLoss(shrinkage=half_distance, **KWARGS)
@@ -152,11 +186,17 @@ class TestAggregation:
     np.testing.assert_allclose(
         restored(LABELS, LOGITS).numpy(),
         tlm.LargeMarginLoss(shrinkage="identity", **KWARGS)(LABELS, LOGITS).numpy() / 2,
-        rtol=1e-6)
+        rtol=1e-6,
+    )
 
-  @pytest.mark.parametrize("kwargs,match", [
-      (dict(aggregation="median"), "aggregation"), (dict(aggregation=0), "aggregation"),
-      (dict(shrinkage="tanh"), "shrinkage")])
+  @pytest.mark.parametrize(
+      "kwargs,match",
+      [
+          (dict(aggregation="median"), "aggregation"),
+          (dict(aggregation=0), "aggregation"),
+          (dict(shrinkage="tanh"), "shrinkage"),
+      ],
+  )
   def test_bad_options(self, kwargs, match):
     with pytest.raises(ValueError, match=match):
       tlm.LargeMarginLoss(**kwargs)

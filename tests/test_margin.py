@@ -20,8 +20,14 @@ class TinyNet:
   def __init__(self, dtype=tf.float32, seed=0):
     rng = np.random.default_rng(seed)
     self.weights = [
-        tf.Variable(rng.normal(size=s) * scale, dtype=dtype) for s, scale in
-        [((3, 3, 1, 2), 0.5), ((50, 6), 0.3), ((6,), 0.1), ((6, CLASSES), 0.8)]]
+        tf.Variable(rng.normal(size=s) * scale, dtype=dtype)
+        for s, scale in [
+            ((3, 3, 1, 2), 0.5),
+            ((50, 6), 0.3),
+            ((6,), 0.1),
+            ((6, CLASSES), 0.8),
+        ]
+    ]
 
   def layers(self, x):
     conv, dense, bias, out = self.weights
@@ -37,19 +43,31 @@ def make_data(dtype=np.float32, seed=1):
   return tf.constant(x), y
 
 
-def reference_loss(net, x, labels, *, gamma, alpha_factor, top_k, dist_norm,
-                   epsilon, use_approximation, worst_case_loss, layers_weights):
+def reference_loss(
+    net,
+    x,
+    labels,
+    *,
+    gamma,
+    alpha_factor,
+    top_k,
+    dist_norm,
+    epsilon,
+    use_approximation,
+    worst_case_loss,
+    layers_weights
+):
   """Eq. 10 with one explicit tape per example and per competing class.
 
   Differentiable w.r.t. the net's weights; the norms are stopped or not.
   """
-  layers_weights = layers_weights or [1.] * 4
+  layers_weights = layers_weights or [1.0] * 4
   per_layer = [[] for _ in range(4)]
   for b in range(BATCH):
-    xb = x[b:b + 1]
+    xb = x[b : b + 1]
     probs = tf.nn.softmax(net.layers(xb)[-1])[0].numpy()
     others = probs.copy()
-    others[labels[b]] = 0.
+    others[labels[b]] = 0.0
     order = sorted(range(CLASSES), key=lambda i: (-others[i], i))[:top_k]
     example_distances = [[] for _ in range(4)]
     for j in order:
@@ -59,7 +77,7 @@ def reference_loss(net, x, labels, *, gamma, alpha_factor, top_k, dist_norm,
         for h in layers[1:]:
           tape.watch(h)
         p = tf.nn.softmax(layers[-1])[0]
-        diff = p[labels[b]] - p[j] * (0. if j == labels[b] else 1.)
+        diff = p[labels[b]] - p[j] * (0.0 if j == labels[b] else 1.0)
       grads = tape.gradient(diff, layers)
       for l, g in enumerate(grads):
         norm = tf.norm(tf.reshape(g, [-1]), ord=GRADIENT_NORM[dist_norm])
@@ -71,8 +89,8 @@ def reference_loss(net, x, labels, *, gamma, alpha_factor, top_k, dist_norm,
       d = tf.stack(example_distances[l])
       if worst_case_loss:
         d = tf.reduce_min(d, keepdims=True)
-      d = tf.maximum(d, gamma * (1. - alpha_factor))
-      per_layer[l].append(tf.reduce_sum(tf.maximum(0., gamma - d) - gamma))
+      d = tf.maximum(d, gamma * (1.0 - alpha_factor))
+      per_layer[l].append(tf.reduce_sum(tf.maximum(0.0, gamma - d) - gamma))
   return tf.reduce_mean([tf.reduce_mean(tf.stack(v)) for v in per_layer])
 
 
@@ -80,16 +98,21 @@ def library_loss_eager(net, x, labels, **kwargs):
   with tf.GradientTape(persistent=True) as tape:
     tape.watch(x)
     layers = net.layers(x)
-  return margin.large_margin(logits=layers[-1],
-                             one_hot_labels=tf.one_hot(labels, CLASSES, dtype=x.dtype),
-                             layers_list=layers, tape=tape, **kwargs)
+  return margin.large_margin(
+      logits=layers[-1],
+      one_hot_labels=tf.one_hot(labels, CLASSES, dtype=x.dtype),
+      layers_list=layers,
+      tape=tape,
+      **kwargs
+  )
 
 
 @tf.function
 def _graph_loss(net, x, one_hot, kwargs):
   layers = net.layers(x)
-  return margin.large_margin(logits=layers[-1], one_hot_labels=one_hot,
-                             layers_list=layers, **kwargs)
+  return margin.large_margin(
+      logits=layers[-1], one_hot_labels=one_hot, layers_list=layers, **kwargs
+  )
 
 
 def library_loss_graph(net, x, labels, **kwargs):
@@ -113,24 +136,44 @@ def library_distances(net, x, labels, **kwargs):
     tape.watch(x)
     layers = net.layers(x)
   return margin.margin_distances(
-      logits=layers[-1], one_hot_labels=tf.one_hot(labels, CLASSES),
-      layers_list=layers, tape=tape, top_k=CLASSES, **kwargs)
+      logits=layers[-1],
+      one_hot_labels=tf.one_hot(labels, CLASSES),
+      layers_list=layers,
+      tape=tape,
+      top_k=CLASSES,
+      **kwargs
+  )
 
 
-COMBOS = list(itertools.product([1, 2, np.inf], [1, 3, CLASSES], [True, False],
-                                [True, False], [None, [2., 0.5, 1., 3.]]))
+COMBOS = list(
+    itertools.product(
+        [1, 2, np.inf],
+        [1, 3, CLASSES],
+        [True, False],
+        [True, False],
+        [None, [2.0, 0.5, 1.0, 3.0]],
+    )
+)
 
 
-@pytest.mark.parametrize("dist_norm,top_k,worst_case_loss,use_approximation,"
-                         "layers_weights", COMBOS)
-def test_matches_per_example_reference(dist_norm, top_k, worst_case_loss,
-                                       use_approximation, layers_weights):
+@pytest.mark.parametrize(
+    "dist_norm,top_k,worst_case_loss,use_approximation," "layers_weights", COMBOS
+)
+def test_matches_per_example_reference(
+    dist_norm, top_k, worst_case_loss, use_approximation, layers_weights
+):
   net = TinyNet()
   x, labels = make_data()
-  kwargs = dict(gamma=typical_gamma(net, x, labels), alpha_factor=1.5, top_k=top_k,
-                dist_norm=dist_norm, epsilon=1e-6,
-                use_approximation=use_approximation,
-                worst_case_loss=worst_case_loss, layers_weights=layers_weights)
+  kwargs = dict(
+      gamma=typical_gamma(net, x, labels),
+      alpha_factor=1.5,
+      top_k=top_k,
+      dist_norm=dist_norm,
+      epsilon=1e-6,
+      use_approximation=use_approximation,
+      worst_case_loss=worst_case_loss,
+      layers_weights=layers_weights,
+  )
   ref_value, ref_grads = value_and_grads(reference_loss, net, x, labels, kwargs)
   for fn in (library_loss_eager, library_loss_graph):
     value, grads = value_and_grads(fn, net, x, labels, kwargs)
@@ -156,11 +199,19 @@ def test_exact_gradient_matches_finite_differences(dist_norm):
   """use_approximation=False differentiates through the norm (second order)."""
   net = TinyNet(dtype=tf.float64)
   x, labels = make_data(np.float64)
-  kwargs = dict(gamma=1e3, alpha_factor=2., top_k=2, dist_norm=dist_norm,
-                epsilon=1e-8, use_approximation=False, worst_case_loss=False)
+  kwargs = dict(
+      gamma=1e3,
+      alpha_factor=2.0,
+      top_k=2,
+      dist_norm=dist_norm,
+      epsilon=1e-8,
+      use_approximation=False,
+      worst_case_loss=False,
+  )
   _, grads = value_and_grads(library_loss_eager, net, x, labels, kwargs)
-  _, approx_grads = value_and_grads(library_loss_eager, net, x, labels,
-                                    dict(kwargs, use_approximation=True))
+  _, approx_grads = value_and_grads(
+      library_loss_eager, net, x, labels, dict(kwargs, use_approximation=True)
+  )
   rng = np.random.default_rng(3)
   step = 1e-6
   differs = False
@@ -168,7 +219,7 @@ def test_exact_gradient_matches_finite_differences(dist_norm):
     for index in [tuple(rng.integers(0, s) for s in w.shape) for _ in range(3)]:
       original = w.numpy()
       values = []
-      for sign in (1., -1.):
+      for sign in (1.0, -1.0):
         perturbed = original.copy()
         perturbed[index] += sign * step
         w.assign(perturbed)
@@ -182,10 +233,14 @@ def test_exact_gradient_matches_finite_differences(dist_norm):
 
 def test_original_value_includes_minus_gamma():
   """An example far beyond the margin contributes relu(...) - gamma = -gamma."""
-  logits = tf.constant([[20., 0., 0.]])
-  value = margin.large_margin(logits=logits, one_hot_labels=[[1., 0., 0.]],
-                              layers_list=[logits], gamma=1e-3,
-                              tape=_tape_for(logits))
+  logits = tf.constant([[20.0, 0.0, 0.0]])
+  value = margin.large_margin(
+      logits=logits,
+      one_hot_labels=[[1.0, 0.0, 0.0]],
+      layers_list=[logits],
+      gamma=1e-3,
+      tape=_tape_for(logits),
+  )
   np.testing.assert_allclose(value.numpy(), -1e-3, rtol=1e-6)
 
 
@@ -203,23 +258,34 @@ def test_logit_space_matches_large_margin_at_logits():
   logits = tf.constant(rng.normal(size=(6, 4)) * 2, tf.float32)
   one_hot = tf.one_hot(rng.integers(0, 4, 6), 4)
   for dist_norm, top_k in itertools.product([1, 2, np.inf], [1, 2, 4]):
-    kwargs = dict(gamma=0.5, alpha_factor=3., top_k=top_k, dist_norm=dist_norm,
-                  worst_case_loss=top_k != 2)
+    kwargs = dict(
+        gamma=0.5,
+        alpha_factor=3.0,
+        top_k=top_k,
+        dist_norm=dist_norm,
+        worst_case_loss=top_k != 2,
+    )
     with tf.GradientTape(persistent=True) as tape:
       tape.watch(logits)
-      logits_out = logits * 1.
+      logits_out = logits * 1.0
     expected = margin.large_margin_per_example(
-        logits=logits_out, one_hot_labels=one_hot, layers_list=[logits_out],
-        tape=tape, **kwargs)
-    actual = margin.logit_margin_per_example(logits=logits, one_hot_labels=one_hot,
-                                             **kwargs)
+        logits=logits_out,
+        one_hot_labels=one_hot,
+        layers_list=[logits_out],
+        tape=tape,
+        **kwargs
+    )
+    actual = margin.logit_margin_per_example(
+        logits=logits, one_hot_labels=one_hot, **kwargs
+    )
     np.testing.assert_allclose(actual.numpy(), expected.numpy(), rtol=1e-6)
 
 
 def test_top_k_ties_take_lowest_index():
   probs = tf.constant([[0.4, 0.2, 0.2, 0.2]])
   diff, idx = margin.top_k_probability_differences(
-      probs, tf.constant([[1., 0., 0., 0.]]), 2)
+      probs, tf.constant([[1.0, 0.0, 0.0, 0.0]]), 2
+  )
   np.testing.assert_array_equal(idx.numpy(), [[1, 2]])
   np.testing.assert_allclose(diff.numpy(), [[0.2, 0.2]])
 
@@ -232,10 +298,15 @@ def test_half_precision_logits_give_float32_finite_loss():
   with tf.GradientTape(persistent=True) as tape:
     tape.watch(half_x)
     layers = half_net.layers(half_x)
-  loss = margin.large_margin(logits=layers[-1], one_hot_labels=tf.one_hot(labels, 5),
-                             layers_list=layers, tape=tape, gamma=1.)
+  loss = margin.large_margin(
+      logits=layers[-1],
+      one_hot_labels=tf.one_hot(labels, 5),
+      layers_list=layers,
+      tape=tape,
+      gamma=1.0,
+  )
   assert loss.dtype == tf.float32
-  reference = library_loss_eager(net, x, labels, gamma=1.)
+  reference = library_loss_eager(net, x, labels, gamma=1.0)
   assert np.isfinite(loss.numpy())
   np.testing.assert_allclose(loss.numpy(), reference.numpy(), rtol=0.05)
 
@@ -248,26 +319,38 @@ class TestErrors:
     with tf.GradientTape(persistent=True) as tape:
       tape.watch(x)
       layers = net.layers(x)
-    kwargs = dict(logits=layers[-1], one_hot_labels=tf.one_hot(labels, CLASSES),
-                  layers_list=layers, tape=tape)
+    kwargs = dict(
+        logits=layers[-1],
+        one_hot_labels=tf.one_hot(labels, CLASSES),
+        layers_list=layers,
+        tape=tape,
+    )
     kwargs.update(overrides)
     return margin.large_margin(**kwargs)
 
-  @pytest.mark.parametrize("overrides,match", [
-      (dict(dist_norm=3), "dist_norm must be 1, 2 or np.inf"),
-      (dict(dist_norm="l2"), "dist_norm"),
-      (dict(top_k=0), r"top_k must be in \[1, num_classes=5\]"),
-      (dict(top_k=6), r"top_k must be in \[1, num_classes=5\]"),
-      (dict(top_k=1.5), "top_k must be an integer"),
-      (dict(layers_weights=[1., 2.]), "layers_weights has 2 entries but layers_list has 4"),
-      (dict(layers_weights=[1., 0., 1., 1.]), r"layers_weights\[1\] = 0"),
-      (dict(one_hot_labels=tf.zeros([3, 4])), "same shape"),
-      (dict(layers_list=[]), "layers_list is empty"),
-      (dict(logits=tf.zeros([3, 5], tf.int32)), "float"),
-      (dict(layers_list=[tf.zeros([3, 2])]),
-       r"logits do not depend on layers_list\[0\]"),
-      (dict(tape=None), "pass tape="),
-  ])
+  @pytest.mark.parametrize(
+      "overrides,match",
+      [
+          (dict(dist_norm=3), "dist_norm must be 1, 2 or np.inf"),
+          (dict(dist_norm="l2"), "dist_norm"),
+          (dict(top_k=0), r"top_k must be in \[1, num_classes=5\]"),
+          (dict(top_k=6), r"top_k must be in \[1, num_classes=5\]"),
+          (dict(top_k=1.5), "top_k must be an integer"),
+          (
+              dict(layers_weights=[1.0, 2.0]),
+              "layers_weights has 2 entries but layers_list has 4",
+          ),
+          (dict(layers_weights=[1.0, 0.0, 1.0, 1.0]), r"layers_weights\[1\] = 0"),
+          (dict(one_hot_labels=tf.zeros([3, 4])), "same shape"),
+          (dict(layers_list=[]), "layers_list is empty"),
+          (dict(logits=tf.zeros([3, 5], tf.int32)), "float"),
+          (
+              dict(layers_list=[tf.zeros([3, 2])]),
+              r"logits do not depend on layers_list\[0\]",
+          ),
+          (dict(tape=None), "pass tape="),
+      ],
+  )
   def test_bad_input_raises(self, overrides, match):
     with pytest.raises(ValueError, match=match):
       self.call(**overrides)
@@ -279,15 +362,24 @@ class TestErrors:
       tape.watch(x)
       layers = net.layers(x)
     with pytest.raises(ValueError, match="persistent=True"):
-      margin.large_margin(logits=layers[-1], one_hot_labels=tf.one_hot(labels, 5),
-                          layers_list=layers, tape=tape, top_k=2)
+      margin.large_margin(
+          logits=layers[-1],
+          one_hot_labels=tf.one_hot(labels, 5),
+          layers_list=layers,
+          tape=tape,
+          top_k=2,
+      )
 
   def test_unconnected_layer_named_in_graph_mode(self):
     @tf.function
     def f(x):
       unrelated = tf.identity(x, name="unrelated_tensor")
-      logits = tf.reshape(x * 2., [3, 25])[:, :5]
-      return margin.large_margin(logits=logits, one_hot_labels=tf.one_hot([0, 1, 2], 5),
-                                 layers_list=[x, unrelated])
+      logits = tf.reshape(x * 2.0, [3, 25])[:, :5]
+      return margin.large_margin(
+          logits=logits,
+          one_hot_labels=tf.one_hot([0, 1, 2], 5),
+          layers_list=[x, unrelated],
+      )
+
     with pytest.raises(ValueError, match=r"layers_list\[1\] \(unrelated_tensor"):
       f(tf.zeros([3, 5, 5, 1]))

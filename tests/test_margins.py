@@ -16,8 +16,9 @@ DIM = 5
 
 
 def dense_model(w, b, name="logits"):
-  model = keras.Sequential([keras.Input((w.shape[0],)),
-                            keras.layers.Dense(w.shape[1], name=name)])
+  model = keras.Sequential(
+      [keras.Input((w.shape[0],)), keras.layers.Dense(w.shape[1], name=name)]
+  )
   model.layers[0].set_weights([w.astype("float32"), b.astype("float32")])
   return model
 
@@ -35,8 +36,13 @@ def exact_distance(w, b, x, labels, norm):
   z = x.astype(np.float64) @ w + b
   distances = []
   for z_i, y in zip(z, labels):
-    distances.append(min((z_i[y] - z_i[k]) / np.linalg.norm(w[:, y] - w[:, k], DUAL[norm])
-                         for k in range(w.shape[1]) if k != y))
+    distances.append(
+        min(
+            (z_i[y] - z_i[k]) / np.linalg.norm(w[:, y] - w[:, k], DUAL[norm])
+            for k in range(w.shape[1])
+            if k != y
+        )
+    )
   return np.array(distances)
 
 
@@ -46,8 +52,9 @@ def test_deepfool_is_exact_on_an_affine_classifier(norm):
   model = dense_model(w, b)
   labels = np.argmax(model(x), axis=1)
   exact = exact_distance(w, b, x, labels, norm)
-  np.testing.assert_allclose(margins.linearized_margins(model, x, labels, norm), exact,
-                             rtol=1e-4)
+  np.testing.assert_allclose(
+      margins.linearized_margins(model, x, labels, norm), exact, rtol=1e-4
+  )
   wrong = (labels + 1) % 4
   signed = margins.linearized_margins(model, x, wrong, norm)
   np.testing.assert_allclose(signed, exact_distance(w, b, x, wrong, norm), rtol=1e-4)
@@ -66,8 +73,8 @@ def test_deepfool_reports_zero_and_inf():
   labels = np.argmax(model(x), axis=1)
   wrong = (labels + 1) % 3
   _, distances = margins.deepfool(model, x, wrong)
-  np.testing.assert_array_equal(distances, 0.)  # misclassified from the start
-  constant = dense_model(np.zeros((DIM, 3)), np.array([1., 0., 0.]))  # no gradient
+  np.testing.assert_array_equal(distances, 0.0)  # misclassified from the start
+  constant = dense_model(np.zeros((DIM, 3)), np.array([1.0, 0.0, 0.0]))  # no gradient
   _, distances = margins.deepfool(constant, x, np.zeros(4, np.int64))
   assert np.all(np.isinf(distances))  # never flipped: no upper bound
 
@@ -79,8 +86,9 @@ def test_first_order_margin_on_a_two_class_affine_model(norm):
   x *= 0.5  # logit gaps |u| of a few units
   model = dense_model(w, b)
   labels = np.arange(40) % 2  # half of them misclassified
-  found, correct = margins.first_order_margins(model, x, labels, dist_norm=norm,
-                                               epsilon=0.)
+  found, correct = margins.first_order_margins(
+      model, x, labels, dist_norm=norm, epsilon=0.0
+  )
   z = x.astype(np.float64) @ w + b
   gap = z[np.arange(40), labels] - z[np.arange(40), 1 - labels]
   scale = np.linalg.norm(w[:, 0] - w[:, 1], DUAL[norm])
@@ -109,14 +117,15 @@ def test_first_order_margin_at_hidden_layers(norm):
   model.get_layer("logits").set_weights([w.astype("float32"), b.astype("float32")])
   x = 0.3 * rng.normal(size=(10, DIM)).astype("float32")
   labels = np.zeros(10, np.int64)
-  found, _ = margins.first_order_margins(model, x, labels, ["input", "h", "logits"],
-                                         dist_norm=norm, epsilon=0.)
+  found, _ = margins.first_order_margins(
+      model, x, labels, ["input", "h", "logits"], dist_norm=norm, epsilon=0.0
+  )
   z = (x.astype(np.float64) @ a) @ w + b
   sinh_gap = np.sinh(z[:, 0] - z[:, 1])
   expected = {
       "input": sinh_gap / np.linalg.norm(a @ (w[:, 0] - w[:, 1]), DUAL[norm]),
       "h": sinh_gap / np.linalg.norm(w[:, 0] - w[:, 1], DUAL[norm]),
-      "logits": sinh_gap / np.linalg.norm([1., -1.], DUAL[norm]),
+      "logits": sinh_gap / np.linalg.norm([1.0, -1.0], DUAL[norm]),
   }
   for name, values in expected.items():
     np.testing.assert_allclose(found[name], values, rtol=1e-4, err_msg=name)
@@ -129,25 +138,35 @@ def test_first_order_margins_equal_the_core_distances():
   model = keras.Model(inputs, keras.layers.Dense(4)(h))
   x = tf.random.normal([6, DIM])
   labels = np.array([0, 1, 2, 3, 0, 1])
-  found, _ = margins.first_order_margins(model, x, labels, ["input", "h"], dist_norm=2,
-                                         top_k=3)
+  found, _ = margins.first_order_margins(
+      model, x, labels, ["input", "h"], dist_norm=2, top_k=3
+  )
   endpoints = keras.Model(inputs, [model.output, h])
   with tf.GradientTape(persistent=True) as tape:
     tape.watch(x)
     logits, hidden = endpoints(x)
   _, (at_input, at_h) = margin.margin_distances(
-      logits=logits, one_hot_labels=tf.one_hot(labels, 4), layers_list=[x, hidden],
-      top_k=3, tape=tape)
+      logits=logits,
+      one_hot_labels=tf.one_hot(labels, 4),
+      layers_list=[x, hidden],
+      top_k=3,
+      tape=tape,
+  )
   np.testing.assert_allclose(found["input"], tf.reduce_min(at_input, 1), rtol=1e-5)
   np.testing.assert_allclose(found["h"], tf.reduce_min(at_h, 1), rtol=1e-5)
 
 
 def relu_problem(n=48):
   keras.utils.set_random_seed(0)
-  model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(32, activation="relu"),
-                            keras.layers.Dense(32, activation="relu"),
-                            keras.layers.Dense(4)])
-  x = np.random.default_rng(0).uniform(0., 1., size=(n, 6)).astype("float32")
+  model = keras.Sequential(
+      [
+          keras.Input((6,)),
+          keras.layers.Dense(32, activation="relu"),
+          keras.layers.Dense(32, activation="relu"),
+          keras.layers.Dense(4),
+      ]
+  )
+  x = np.random.default_rng(0).uniform(0.0, 1.0, size=(n, 6)).astype("float32")
   return model, x, np.argmax(model(x), axis=1)
 
 
@@ -156,22 +175,32 @@ def test_deepfool_flips_a_relu_network_and_is_no_larger_than_pgd(norm):
   model, x, labels = relu_problem()
   x_adv, distances = margins.deepfool(model, x, labels, norm=norm)
   assert np.all(np.argmax(model(x_adv), axis=1) != labels)
-  np.testing.assert_allclose(attacks.margin.flat_norm(x_adv - x, norm), distances,
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+      attacks.margin.flat_norm(x_adv - x, norm), distances, rtol=1e-6
+  )
   # The smallest radius on a grid (ratio 1.1) at which a 40-step PGD flips each
   # example; PGD is not clipped to a range, as DeepFool.
   needed = np.full(len(x), np.inf)
   for epsilon in np.geomspace(2 * distances.max(), distances.min() / 4, 25):
-    x_pgd = attacks.pgd(model, x, labels, epsilon, norm=norm, steps=40,
-                        step_size=epsilon / 8, clip_min=-np.inf, clip_max=np.inf)
+    x_pgd = attacks.pgd(
+        model,
+        x,
+        labels,
+        epsilon,
+        norm=norm,
+        steps=40,
+        step_size=epsilon / 8,
+        clip_min=-np.inf,
+        clip_max=np.inf,
+    )
     needed[np.argmax(model(x_pgd), axis=1) != labels] = epsilon
   ratio = distances / needed
   # DeepFool is a first-order heuristic, not an optimum: on a ReLU network PGD needs
   # more than DeepFool's radius for most examples, not all (measured: 80 %, the
   # largest ratio 1.6).
-  assert np.median(ratio) < 1.
-  assert np.mean(ratio <= 1.) >= 0.7
-  assert ratio.max() < 2.
+  assert np.median(ratio) < 1.0
+  assert np.mean(ratio <= 1.0) >= 0.7
+  assert ratio.max() < 2.0
 
 
 def test_dataset_margins_and_summaries():
@@ -179,28 +208,33 @@ def test_dataset_margins_and_summaries():
   labels[:6] = (labels[:6] + 1) % 4  # 6 misclassified
   dataset = tf.data.Dataset.from_tensor_slices((x, labels)).batch(8)
   seen = []
-  result = margins.dataset_margins(model, dataset, layers=["input"], dist_norm=np.inf,
-                                   progress=seen.append)
+  result = margins.dataset_margins(
+      model, dataset, layers=["input"], dist_norm=np.inf, progress=seen.append
+  )
   assert seen == [0, 1, 2, 3]
   assert sorted(result) == ["correct", "deepfool", "input", "linearized"]
-  np.testing.assert_allclose(result["linearized"],
-                             margins.linearized_margins(model, x, labels, np.inf),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+      result["linearized"],
+      margins.linearized_margins(model, x, labels, np.inf),
+      rtol=1e-6,
+  )
   np.testing.assert_array_equal(result["correct"], np.arange(30) >= 6)
   direct, _ = margins.first_order_margins(model, x, labels, dist_norm=np.inf)
   np.testing.assert_allclose(result["input"], direct["input"], rtol=1e-6)
   assert np.all(result["input"][:6] < 0) and np.all(result["input"][6:] > 0)
-  np.testing.assert_array_equal(result["deepfool"][:6], 0.)
+  np.testing.assert_array_equal(result["deepfool"][:6], 0.0)
 
-  summary = margins.summarize_margins(result, thresholds=[0.05, 10.])
+  summary = margins.summarize_margins(result, thresholds=[0.05, 10.0])
   correct_margins = result["input"][6:]
   assert summary["input"]["count"] == 24
   assert summary["input"]["median"] == pytest.approx(np.median(correct_margins))
   assert summary["input"]["quantiles"]["0.25"] == pytest.approx(
-      np.quantile(correct_margins, 0.25))
+      np.quantile(correct_margins, 0.25)
+  )
   assert summary["input"]["fraction_below"]["0.05"] == pytest.approx(
-      np.mean(correct_margins < 0.05))
-  assert summary["input"]["fraction_below"]["10.0"] == 1.
+      np.mean(correct_margins < 0.05)
+  )
+  assert summary["input"]["fraction_below"]["10.0"] == 1.0
   everything = margins.summarize_margins(result, only_correct=False)
   assert everything["deepfool"]["count"] == 30
   assert everything["input"]["median"] == pytest.approx(np.median(result["input"]))
@@ -210,7 +244,9 @@ def test_dataset_margins_and_summaries():
 def test_margin_model_with_its_own_margin_layers():
   inputs = keras.Input((DIM,))
   h = keras.layers.Dense(8, activation="relu", name="h")(inputs)
-  model = tlm.MarginModel(inputs, keras.layers.Dense(3)(h), margin_layers=["input", "h"])
+  model = tlm.MarginModel(
+      inputs, keras.layers.Dense(3)(h), margin_layers=["input", "h"]
+  )
   assert margins.layer_endpoints(model, ["input", "h"]) is model
   x, labels = np.ones((2, DIM), np.float32), np.array([0, 1])
   found, _ = margins.first_order_margins(model, x, labels, ["h"])
@@ -241,10 +277,12 @@ class TestErrors:
     with pytest.raises(ValueError, match="Unknown (margin )?layer 'nope'"):
       margins.first_order_margins(self.model, self.x, self.labels, layers=["nope"])
     for top_k in (0, 4, 1.5):
-      with pytest.raises(ValueError, match=r"top_k must be an integer in \[1, classes - 1 = 3\]"):
+      with pytest.raises(
+          ValueError, match=r"top_k must be an integer in \[1, classes - 1 = 3\]"
+      ):
         margins.first_order_margins(self.model, self.x, self.labels, top_k=top_k)
     with pytest.raises(ValueError, match="quantiles"):
-      margins.summarize([1.], quantiles=[1.5])
+      margins.summarize([1.0], quantiles=[1.5])
     for name in ("correct", "deepfool", "linearized"):
       with pytest.raises(ValueError, match="reserved"):
         margins.dataset_margins(self.model, [], layers=["input", name])

@@ -13,45 +13,62 @@ CLASSES = 4
 
 def data(n=24, seed=0):
   rng = np.random.default_rng(seed)
-  return (rng.normal(size=(n, 6, 6, 1)).astype("float32"),
-          rng.integers(0, CLASSES, size=n))
+  return (
+      rng.normal(size=(n, 6, 6, 1)).astype("float32"),
+      rng.integers(0, CLASSES, size=n),
+  )
 
 
 def functional(seed=1, dtype=None):
   keras.utils.set_random_seed(seed)
   inputs = keras.Input((6, 6, 1))
   h = keras.layers.Conv2D(3, 3, activation="tanh", name="conv0")(inputs)
-  h = keras.layers.Dense(8, activation="tanh", name="fc",
-                         kernel_regularizer=keras.regularizers.L2(1e-2))(
-                             keras.layers.Flatten()(h))
+  h = keras.layers.Dense(
+      8, activation="tanh", name="fc", kernel_regularizer=keras.regularizers.L2(1e-2)
+  )(keras.layers.Flatten()(h))
   logits = keras.layers.Dense(CLASSES, name="logits", dtype=dtype)(h)
   return inputs, logits
 
 
-LOSS_KWARGS = dict(gamma=0.3, alpha_factor=3., top_k=2, dist_norm=np.inf,
-                   worst_case_loss=False, epsilon=1e-6)
+LOSS_KWARGS = dict(
+    gamma=0.3,
+    alpha_factor=3.0,
+    top_k=2,
+    dist_norm=np.inf,
+    worst_case_loss=False,
+    epsilon=1e-6,
+)
 
 
-@pytest.mark.parametrize("layers_weights", [None, "size", [2., 0.5, 1.]])
+@pytest.mark.parametrize("layers_weights", [None, "size", [2.0, 0.5, 1.0]])
 def test_step_equals_hand_written_step(layers_weights):
   x, y = data()
-  sample_weight = np.linspace(0., 2., len(y)).astype("float32")
-  model = tlm.MarginModel(*functional(), margin_layers=["input", "conv0", "fc"],
-                          layers_weights=layers_weights)
+  sample_weight = np.linspace(0.0, 2.0, len(y)).astype("float32")
+  model = tlm.MarginModel(
+      *functional(),
+      margin_layers=["input", "conv0", "fc"],
+      layers_weights=layers_weights
+  )
   reference = keras.Model(*functional())  # same seed: same initial weights
   for a, b in zip(model.get_weights(), reference.get_weights()):
     np.testing.assert_array_equal(a, b)
   lr, xent_weight = 0.1, 0.7
-  model.compile(keras.optimizers.SGD(lr),
-                loss=tlm.LargeMarginLoss(cross_entropy_weight=xent_weight,
-                                         **LOSS_KWARGS))
+  model.compile(
+      keras.optimizers.SGD(lr),
+      loss=tlm.LargeMarginLoss(cross_entropy_weight=xent_weight, **LOSS_KWARGS),
+  )
   logs = model.train_on_batch(x, y, sample_weight=sample_weight, return_dict=True)
 
   # By hand: explicit tapes, the conv/fc activations from the reference model.
-  weights = [36., 48., 8.] if layers_weights == "size" else layers_weights
-  probe = keras.Model(reference.inputs, [reference.get_layer("conv0").output,
-                                         reference.get_layer("fc").output,
-                                         reference.output])
+  weights = [36.0, 48.0, 8.0] if layers_weights == "size" else layers_weights
+  probe = keras.Model(
+      reference.inputs,
+      [
+          reference.get_layer("conv0").output,
+          reference.get_layer("fc").output,
+          reference.output,
+      ],
+  )
   xt = tf.constant(x)
   with tf.GradientTape() as outer:
     with tf.GradientTape(persistent=True) as tape:
@@ -59,8 +76,13 @@ def test_step_equals_hand_written_step(layers_weights):
       conv, fc, logits = probe(xt, training=True)
     one_hot = tf.one_hot(y, CLASSES)
     per_example = margin.large_margin_per_example(
-        logits=logits, one_hot_labels=one_hot, layers_list=[xt, conv, fc],
-        layers_weights=weights, tape=tape, **LOSS_KWARGS)
+        logits=logits,
+        one_hot_labels=one_hot,
+        layers_list=[xt, conv, fc],
+        layers_weights=weights,
+        tape=tape,
+        **LOSS_KWARGS
+    )
     xent = tf.nn.softmax_cross_entropy_with_logits(labels=one_hot, logits=logits)
     margin_part = tf.reduce_sum(per_example * sample_weight) / len(y)
     xent_part = tf.reduce_sum(xent * sample_weight) / len(y)
@@ -88,41 +110,53 @@ def test_other_losses_train_as_keras_model():
 
 def test_save_load_round_trip(tmp_path):
   x, y = data()
-  model = tlm.MarginModel(*functional(), margin_layers=["input", "fc"],
-                          layers_weights=[1., 3.])
-  model.compile(keras.optimizers.Adam(1e-2),
-                loss=tlm.LargeMarginLoss(gamma=0.5, cross_entropy_weight=1.),
-                metrics=["accuracy"])
+  model = tlm.MarginModel(
+      *functional(), margin_layers=["input", "fc"], layers_weights=[1.0, 3.0]
+  )
+  model.compile(
+      keras.optimizers.Adam(1e-2),
+      loss=tlm.LargeMarginLoss(gamma=0.5, cross_entropy_weight=1.0),
+      metrics=["accuracy"],
+  )
   model.fit(x, y, epochs=1, verbose=0)
   path = str(tmp_path / "m.keras")
   model.save(path)
   loaded = keras.models.load_model(path)
   assert isinstance(loaded, tlm.MarginModel)
   assert loaded.margin_layers == ["input", "fc"]
-  assert loaded.layers_weights == [1., 3.]
+  assert loaded.layers_weights == [1.0, 3.0]
   assert loaded.margin_loss.get_config() == model.margin_loss.get_config()
-  np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+  np.testing.assert_array_equal(
+      loaded.predict(x, verbose=0), model.predict(x, verbose=0)
+  )
   # Training goes on identically (optimizer state included).
   logs = [m.train_on_batch(x, y, return_dict=True) for m in (model, loaded)]
   np.testing.assert_allclose(logs[0]["loss"], logs[1]["loss"], rtol=1e-6)
-  np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0),
-                             atol=1e-6)
+  np.testing.assert_allclose(
+      loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6
+  )
 
 
 def test_from_model_wraps_sequential_and_shares_layers():
   x, y = data()
   keras.utils.set_random_seed(0)
-  sequential = keras.Sequential([keras.Input((6, 6, 1)), keras.layers.Flatten(),
-                                 keras.layers.Dense(5, activation="tanh", name="h"),
-                                 keras.layers.Dense(CLASSES, name="out")])
+  sequential = keras.Sequential(
+      [
+          keras.Input((6, 6, 1)),
+          keras.layers.Flatten(),
+          keras.layers.Dense(5, activation="tanh", name="h"),
+          keras.layers.Dense(CLASSES, name="out"),
+      ]
+  )
   model = tlm.MarginModel.from_model(sequential, margin_layers=["input", "h"])
-  model.compile(keras.optimizers.SGD(0.5), loss=tlm.LargeMarginLoss(gamma=1.))
+  model.compile(keras.optimizers.SGD(0.5), loss=tlm.LargeMarginLoss(gamma=1.0))
   before = sequential.get_weights()
   model.fit(x, y, epochs=1, verbose=0)
   after = sequential.get_weights()
   assert max(np.abs(a - b).max() for a, b in zip(before, after)) > 1e-4
-  np.testing.assert_array_equal(model.predict(x, verbose=0),
-                                sequential.predict(x, verbose=0))
+  np.testing.assert_array_equal(
+      model.predict(x, verbose=0), sequential.predict(x, verbose=0)
+  )
 
 
 class Endpoints(tlm.MarginTraining, keras.Model):
@@ -145,27 +179,43 @@ class Endpoints(tlm.MarginTraining, keras.Model):
 def test_subclassed_model_trains_through_margin_endpoints():
   x, y = data()
   model = Endpoints()
-  model.compile(keras.optimizers.SGD(0.5), loss=tlm.LargeMarginLoss(gamma=1.))
+  model.compile(keras.optimizers.SGD(0.5), loss=tlm.LargeMarginLoss(gamma=1.0))
   first = model.evaluate(x, y, verbose=0, return_dict=True)["margin"]
   model.fit(x, y, epochs=5, verbose=0)
   assert model.evaluate(x, y, verbose=0, return_dict=True)["margin"] < first
 
 
 class TwoOutputs(keras.layers.Layer):
+
   def call(self, x):
     return x, -x
 
 
-@pytest.mark.parametrize("make,match", [
-    (lambda i, o: tlm.MarginModel(i, o, margin_layers=["nope"]),
-     r"Unknown layer 'nope'.*'conv0'"),
-    (lambda i, o: tlm.MarginModel(i, o, margin_layers=[]), "margin_layers is empty"),
-    (lambda i, o: tlm.MarginModel(i, o, margin_layers=["input", "fc"],
-                                  layers_weights=[1.]),
-     "layers_weights has 1 entries but layers_list has 2"),
-    (lambda i, o: tlm.MarginModel(i, o, margin_layers=["fc"], layers_weights=[-1.]),
-     r"layers_weights\[0\] = -1"),
-])
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (
+            lambda i, o: tlm.MarginModel(i, o, margin_layers=["nope"]),
+            r"Unknown layer 'nope'.*'conv0'",
+        ),
+        (
+            lambda i, o: tlm.MarginModel(i, o, margin_layers=[]),
+            "margin_layers is empty",
+        ),
+        (
+            lambda i, o: tlm.MarginModel(
+                i, o, margin_layers=["input", "fc"], layers_weights=[1.0]
+            ),
+            "layers_weights has 1 entries but layers_list has 2",
+        ),
+        (
+            lambda i, o: tlm.MarginModel(
+                i, o, margin_layers=["fc"], layers_weights=[-1.0]
+            ),
+            r"layers_weights\[0\] = -1",
+        ),
+    ],
+)
 def test_bad_margin_layers(make, match):
   with pytest.raises(ValueError, match=match):
     make(*functional())
@@ -208,10 +258,11 @@ def test_mixed_precision_is_finite_and_close_to_float32(policy):
     keras.mixed_precision.set_dtype_policy(name)
     try:
       model = tlm.MarginModel(*functional(), margin_layers=["input", "conv0", "fc"])
-      model.compile(keras.optimizers.SGD(0.1),
-                    loss=tlm.LargeMarginLoss(gamma=0.3, cross_entropy_weight=1.))
-      results[name] = [model.train_on_batch(x, y, return_dict=True)
-                       for _ in range(3)]
+      model.compile(
+          keras.optimizers.SGD(0.1),
+          loss=tlm.LargeMarginLoss(gamma=0.3, cross_entropy_weight=1.0),
+      )
+      results[name] = [model.train_on_batch(x, y, return_dict=True) for _ in range(3)]
       if name != "float32":
         assert model.compute_dtype == keras.mixed_precision.dtype_policy().compute_dtype
         if name == "mixed_float16":

@@ -21,7 +21,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 from keras.src.trainers.data_adapters.data_adapter_utils import (
-    unpack_x_y_sample_weight)
+    unpack_x_y_sample_weight,
+)
 
 from tf_large_margin import attacks
 from tf_large_margin.models import INPUT
@@ -51,15 +52,42 @@ class AdversarialTraining:
     seed: integer; PGD's random start at training step t uses the seed (seed, t).
   """
 
-  def __init__(self, *args, attack="fgsm", epsilon=0.1, norm=np.inf, steps=10,
-               step_size=None, clip_min=0., clip_max=1., seed=0, **kwargs):
+  def __init__(
+      self,
+      *args,
+      attack="fgsm",
+      epsilon=0.1,
+      norm=np.inf,
+      steps=10,
+      step_size=None,
+      clip_min=0.0,
+      clip_max=1.0,
+      seed=0,
+      **kwargs,
+  ):
     super().__init__(*args, **kwargs)
-    self.configure_attack(attack=attack, epsilon=epsilon, norm=norm, steps=steps,
-                          step_size=step_size, clip_min=clip_min, clip_max=clip_max,
-                          seed=seed)
+    self.configure_attack(
+        attack=attack,
+        epsilon=epsilon,
+        norm=norm,
+        steps=steps,
+        step_size=step_size,
+        clip_min=clip_min,
+        clip_max=clip_max,
+        seed=seed,
+    )
 
-  def configure_attack(self, attack="fgsm", epsilon=0.1, norm=np.inf, steps=10,
-                       step_size=None, clip_min=0., clip_max=1., seed=0):
+  def configure_attack(
+      self,
+      attack="fgsm",
+      epsilon=0.1,
+      norm=np.inf,
+      steps=10,
+      step_size=None,
+      clip_min=0.0,
+      clip_max=1.0,
+      seed=0,
+  ):
     """Validates and sets the attack's settings (arguments as the class)."""
     if attack not in TRAINING_ATTACKS:
       raise ValueError(f"attack must be one of {TRAINING_ATTACKS}; got {attack!r}.")
@@ -74,9 +102,15 @@ class AdversarialTraining:
       step_size = attacks.check_nonnegative("step_size", step_size)
     attacks.check_clip_range(clip_min, clip_max)
     self.attack_config = dict(
-        attack=attack, epsilon=epsilon, norm=float(norm) if norm == np.inf else 2,
-        steps=steps, step_size=step_size, clip_min=float(clip_min),
-        clip_max=float(clip_max), seed=int(seed))
+        attack=attack,
+        epsilon=epsilon,
+        norm=float(norm) if norm == np.inf else 2,
+        steps=steps,
+        step_size=step_size,
+        clip_min=float(clip_min),
+        clip_max=float(clip_max),
+        seed=int(seed),
+    )
 
   def adversarial_examples(self, x, y):
     """The attack's examples for the batch (x, y) on the current weights (graph
@@ -89,17 +123,31 @@ class AdversarialTraining:
       return tf.constant(value, x.dtype)
 
     if config["attack"] == "fgsm":
-      return attacks.fgsm_graph(self, x, labels, constant(config["epsilon"]),
-                                constant(config["clip_min"]), constant(config["clip_max"]))
+      return attacks.fgsm_graph(
+          self,
+          x,
+          labels,
+          constant(config["epsilon"]),
+          constant(config["clip_min"]),
+          constant(config["clip_max"]),
+      )
     step_size = config["step_size"]
     if step_size is None:
       step_size = attacks.default_step_size(config["epsilon"], config["steps"])
     iteration = tf.cast(self.optimizer.iterations, tf.int32)
     return attacks.pgd_graph(
-        self, x, labels, constant(config["epsilon"]), constant(step_size),
-        tf.constant(config["steps"]), config["norm"], config["attack"] == "pgd",
+        self,
+        x,
+        labels,
+        constant(config["epsilon"]),
+        constant(step_size),
+        tf.constant(config["steps"]),
+        config["norm"],
+        config["attack"] == "pgd",
         tf.stack([tf.constant(config["seed"]), iteration]),
-        constant(config["clip_min"]), constant(config["clip_max"]))
+        constant(config["clip_min"]),
+        constant(config["clip_max"]),
+    )
 
   def adversarial_batch(self, data):
     """``([x; x_adv], [y; y], [w; w])`` for a batch ``(x, y[, sample_weight w])``."""
@@ -136,11 +184,13 @@ class AdversarialMarginModel(AdversarialTraining, MarginModel):
   """
 
   @classmethod
-  def from_model(cls, model, margin_layers=(INPUT,), layers_weights=None,
-                 **attack_kwargs):
+  def from_model(
+      cls, model, margin_layers=(INPUT,), layers_weights=None, **attack_kwargs
+  ):
     """Wraps a functional or Sequential model (layers shared); ``attack_kwargs`` as
     `AdversarialTraining`."""
-    wrapped = super().from_model(model, margin_layers=margin_layers,
-                                 layers_weights=layers_weights)
+    wrapped = super().from_model(
+        model, margin_layers=margin_layers, layers_weights=layers_weights
+    )
     wrapped.configure_attack(**attack_kwargs)
     return wrapped

@@ -30,19 +30,23 @@ def _preact_block(h, filters, stride, name):
   h = keras.layers.ReLU(name=f"{name}_relu0")(h)
   if stride != 1 or shortcut.shape[-1] != filters:
     # Projection of the pre-activated input, as in He et al. 2016 (v2).
-    shortcut = keras.layers.Conv2D(filters, 1, strides=stride, use_bias=False,
-                                   name=f"{name}_shortcut")(h)
-  h = keras.layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False,
-                          name=f"{name}_conv0")(h)
+    shortcut = keras.layers.Conv2D(
+        filters, 1, strides=stride, use_bias=False, name=f"{name}_shortcut"
+    )(h)
+  h = keras.layers.Conv2D(
+      filters, 3, strides=stride, padding="same", use_bias=False, name=f"{name}_conv0"
+  )(h)
   h = keras.layers.BatchNormalization(name=f"{name}_bn1")(h)
   h = keras.layers.ReLU(name=f"{name}_relu1")(h)
-  h = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False,
-                          name=f"{name}_conv1")(h)
+  h = keras.layers.Conv2D(
+      filters, 3, padding="same", use_bias=False, name=f"{name}_conv1"
+  )(h)
   return keras.layers.Add(name=name)([shortcut, h])
 
 
-def cifar_resnet(depth=32, num_classes=10, input_shape=(32, 32, 3), width=16,
-                 name=None):
+def cifar_resnet(
+    depth=32, num_classes=10, input_shape=(32, 32, 3), width=16, name=None
+):
   """Pre-activation ResNet for CIFAR (He et al. 2016, "Identity Mappings").
 
   ``depth = 6 n + 2``: a 3x3 convolution, three stages of n basic blocks with
@@ -52,16 +56,18 @@ def cifar_resnet(depth=32, num_classes=10, input_shape=(32, 32, 3), width=16,
   hidden layers a margin can be enforced at, besides "input".
   """
   if depth < 8 or (depth - 2) % 6:
-    raise ValueError(f"depth must be 6 n + 2 with n >= 1 (8, 14, 20, 32, 56, ...); "
-                     f"got {depth}.")
+    raise ValueError(
+        f"depth must be 6 n + 2 with n >= 1 (8, 14, 20, 32, 56, ...); " f"got {depth}."
+    )
   blocks_per_stage = (depth - 2) // 6
   inputs = keras.Input(input_shape, name="image")
   h = keras.layers.Conv2D(width, 3, padding="same", use_bias=False, name="stem")(inputs)
   for stage in range(3):
     for block in range(blocks_per_stage):
       stride = 2 if stage > 0 and block == 0 else 1
-      h = _preact_block(h, width * 2 ** stage, stride,
-                        f"block{stage * blocks_per_stage + block}")
+      h = _preact_block(
+          h, width * 2**stage, stride, f"block{stage * blocks_per_stage + block}"
+      )
   h = keras.layers.BatchNormalization(name="final_bn")(h)
   h = keras.layers.ReLU(name="final_relu")(h)
   h = keras.layers.GlobalAveragePooling2D(name="pool")(h)

@@ -76,7 +76,8 @@ def check_data_range(x, clip_min, clip_max):
   if low < clip_min or high > clip_max:
     raise ValueError(
         f"x must lie in the data range [clip_min, clip_max] = [{clip_min}, "
-        f"{clip_max}]; its values span [{low}, {high}].")
+        f"{clip_max}]; its values span [{low}, {high}]."
+    )
 
 
 def check_logits_and_labels(model, x, labels):
@@ -97,7 +98,8 @@ def check_logits_and_labels(model, x, labels):
     shape = getattr(logits, "shape", type(logits).__name__)
     raise ValueError(
         "The model must return logits of shape [batch, classes]; on a batch of one "
-        f"example it returned {shape}.")
+        f"example it returned {shape}."
+    )
   if not logits.dtype.is_floating:
     raise ValueError(f"The model must return float logits; got {logits.dtype.name}.")
   labels = np.asarray(labels)
@@ -105,13 +107,15 @@ def check_logits_and_labels(model, x, labels):
     raise ValueError(f"labels must be integer class indices; got dtype {labels.dtype}.")
   if labels.shape != (x.shape[0],):
     raise ValueError(
-        f"labels must have shape [batch] = ({x.shape[0]},); got {labels.shape}.")
+        f"labels must have shape [batch] = ({x.shape[0]},); got {labels.shape}."
+    )
   num_classes = logits.shape[1]
   bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
   if bad.size:
     raise ValueError(
         f"labels must be in [0, {num_classes}) (the model's classes); labels[{bad[0]}] "
-        f"= {labels[bad[0]]}.")
+        f"= {labels[bad[0]]}."
+    )
   return tf.constant(labels, tf.int32), num_classes
 
 
@@ -157,11 +161,13 @@ def steepest_ascent_direction(gradient, norm):
   if norm == np.inf:
     return tf.sign(gradient)
   if norm == 2:
-    return tf.math.divide_no_nan(gradient,
-                                 expand_to(margin.flat_norm(gradient, 2), gradient))
+    return tf.math.divide_no_nan(
+        gradient, expand_to(margin.flat_norm(gradient, 2), gradient)
+    )
   flat = tf.reshape(gradient, [tf.shape(gradient)[0], -1])
-  largest = tf.one_hot(tf.argmax(tf.abs(flat), axis=1), tf.shape(flat)[1],
-                       dtype=gradient.dtype)
+  largest = tf.one_hot(
+      tf.argmax(tf.abs(flat), axis=1), tf.shape(flat)[1], dtype=gradient.dtype
+  )
   return tf.reshape(largest * tf.sign(flat), tf.shape(gradient))
 
 
@@ -174,7 +180,7 @@ def project_to_ball(delta, epsilon, norm):
   if norm == np.inf:
     return tf.clip_by_value(delta, -epsilon, epsilon)
   norms = expand_to(margin.flat_norm(delta, 2), delta)
-  return delta * tf.minimum(1., epsilon / tf.maximum(norms, 1e-12))
+  return delta * tf.minimum(1.0, epsilon / tf.maximum(norms, 1e-12))
 
 
 def random_ball_point(x, epsilon, norm, seed):
@@ -189,7 +195,7 @@ def random_ball_point(x, epsilon, norm, seed):
   direction = steepest_ascent_direction(direction, 2)
   dimension = tf.cast(tf.reduce_prod(tf.shape(x)[1:]), x.dtype)
   u = tf.random.stateless_uniform(tf.shape(x)[:1], seed + 1, dtype=x.dtype)
-  return direction * expand_to(epsilon * u ** (1. / dimension), x)
+  return direction * expand_to(epsilon * u ** (1.0 / dimension), x)
 
 
 def misclassified(logits, labels):
@@ -205,8 +211,19 @@ def fgsm_graph(model, x, labels, epsilon, clip_min, clip_max):
 
 
 @tf.function(reduce_retracing=True)
-def pgd_graph(model, x, labels, epsilon, step_size, steps, norm, use_random_start,
-              seed, clip_min, clip_max):
+def pgd_graph(
+    model,
+    x,
+    labels,
+    epsilon,
+    step_size,
+    steps,
+    norm,
+    use_random_start,
+    seed,
+    clip_min,
+    clip_max,
+):
   """PGD without validation (usable inside a training step).
 
   x_0 = clip(x + random start) (or x), then for t < steps, for the examples the model
@@ -216,14 +233,16 @@ def pgd_graph(model, x, labels, epsilon, step_size, steps, norm, use_random_star
   """
   x_adv = x
   if use_random_start:
-    x_adv = tf.clip_by_value(x + random_ball_point(x, epsilon, norm, seed), clip_min,
-                             clip_max)
+    x_adv = tf.clip_by_value(
+        x + random_ball_point(x, epsilon, norm, seed), clip_min, clip_max
+    )
   for _ in tf.range(steps):
     logits, gradient = loss_gradient(model, x_adv, labels)
     active = expand_to(tf.logical_not(misclassified(logits, labels)), x)
     step = x_adv + step_size * steepest_ascent_direction(gradient, norm)
-    stepped = tf.clip_by_value(x + project_to_ball(step - x, epsilon, norm), clip_min,
-                               clip_max)
+    stepped = tf.clip_by_value(
+        x + project_to_ball(step - x, epsilon, norm), clip_min, clip_max
+    )
     x_adv = tf.where(active, stepped, x_adv)
   return x_adv
 
@@ -233,7 +252,7 @@ def pgd_graph(model, x, labels, epsilon, step_size, steps, norm, use_random_star
 # ---------------------------------------------------------------------------
 
 
-def fgsm(model, x, labels, epsilon, clip_min=0., clip_max=1.):
+def fgsm(model, x, labels, epsilon, clip_min=0.0, clip_max=1.0):
   """Fast gradient sign method: x' = clip(x + epsilon * sign(grad_x L(x, y))).
 
   Goodfellow et al. 2015. On a model whose loss is linear in x inside the ball this is
@@ -252,8 +271,14 @@ def fgsm(model, x, labels, epsilon, clip_min=0., clip_max=1.):
   """
   epsilon = check_nonnegative("epsilon", epsilon)
   x, labels = _validated(model, x, labels, clip_min, clip_max)
-  return fgsm_graph(model, x, labels, tf.constant(epsilon, x.dtype),
-                    tf.constant(clip_min, x.dtype), tf.constant(clip_max, x.dtype))
+  return fgsm_graph(
+      model,
+      x,
+      labels,
+      tf.constant(epsilon, x.dtype),
+      tf.constant(clip_min, x.dtype),
+      tf.constant(clip_max, x.dtype),
+  )
 
 
 def default_step_size(epsilon, steps):
@@ -261,8 +286,19 @@ def default_step_size(epsilon, steps):
   return 2.5 * epsilon / steps
 
 
-def pgd(model, x, labels, epsilon, norm=np.inf, steps=10, step_size=None,
-        random_start=True, seed=DEFAULT_SEED, clip_min=0., clip_max=1.):
+def pgd(
+    model,
+    x,
+    labels,
+    epsilon,
+    norm=np.inf,
+    steps=10,
+    step_size=None,
+    random_start=True,
+    seed=DEFAULT_SEED,
+    clip_min=0.0,
+    clip_max=1.0,
+):
   """Projected gradient descent on the loss in the l_inf or l_2 ball (Madry et al. 2018).
 
       x_0 = clip(x + u), u uniform in the ball (``random_start``) or 0
@@ -291,27 +327,48 @@ def pgd(model, x, labels, epsilon, norm=np.inf, steps=10, step_size=None,
   check_attack_norm(norm)
   steps = check_steps(steps)
   step_size = check_nonnegative(
-      "step_size", default_step_size(epsilon, steps) if step_size is None else step_size)
+      "step_size", default_step_size(epsilon, steps) if step_size is None else step_size
+  )
   x, labels = _validated(model, x, labels, clip_min, clip_max)
-  return pgd_graph(model, x, labels, tf.constant(epsilon, x.dtype),
-                   tf.constant(step_size, x.dtype), tf.constant(steps), norm,
-                   bool(random_start), tf.constant(seed, tf.int32, shape=[2]),
-                   tf.constant(clip_min, x.dtype), tf.constant(clip_max, x.dtype))
+  return pgd_graph(
+      model,
+      x,
+      labels,
+      tf.constant(epsilon, x.dtype),
+      tf.constant(step_size, x.dtype),
+      tf.constant(steps),
+      norm,
+      bool(random_start),
+      tf.constant(seed, tf.int32, shape=[2]),
+      tf.constant(clip_min, x.dtype),
+      tf.constant(clip_max, x.dtype),
+  )
 
 
-def iterative_fgsm(model, x, labels, epsilon, steps=10, step_size=None, clip_min=0.,
-                   clip_max=1.):
+def iterative_fgsm(
+    model, x, labels, epsilon, steps=10, step_size=None, clip_min=0.0, clip_max=1.0
+):
   """Iterative FGSM / BIM (Kurakin et al. 2016): l_inf PGD from x, no random start.
 
       x_0 = x,  x_{t+1} = clip(x + clip_eps(x_t + alpha * sign(grad_x L(x_t, y)) - x))
 
   Arguments as `pgd` (step_size default 2.5 * epsilon / steps).
   """
-  return pgd(model, x, labels, epsilon, norm=np.inf, steps=steps, step_size=step_size,
-             random_start=False, clip_min=clip_min, clip_max=clip_max)
+  return pgd(
+      model,
+      x,
+      labels,
+      epsilon,
+      norm=np.inf,
+      steps=steps,
+      step_size=step_size,
+      random_start=False,
+      clip_min=clip_min,
+      clip_max=clip_max,
+  )
 
 
-def gaussian_noise(x, sigma, seed=DEFAULT_SEED, clip_min=0., clip_max=1.):
+def gaussian_noise(x, sigma, seed=DEFAULT_SEED, clip_min=0.0, clip_max=1.0):
   """x' = clip(x + sigma * n), n ~ N(0, I) drawn with the stateless ``seed``.
 
   Args:
@@ -323,8 +380,9 @@ def gaussian_noise(x, sigma, seed=DEFAULT_SEED, clip_min=0., clip_max=1.):
   sigma = check_nonnegative("sigma", sigma)
   x = tf.convert_to_tensor(x)
   check_data_range(x, clip_min, clip_max)
-  noise = tf.random.stateless_normal(tf.shape(x), tf.constant(seed, tf.int32, [2]),
-                                     dtype=x.dtype)
+  noise = tf.random.stateless_normal(
+      tf.shape(x), tf.constant(seed, tf.int32, [2]), dtype=x.dtype
+  )
   return tf.clip_by_value(x + sigma * noise, clip_min, clip_max)
 
 
@@ -342,21 +400,25 @@ def perturb(attack, model, x, labels, seed, **kwargs):
   """
   if attack == "clean":
     if kwargs:
-      raise ValueError(f"The clean data take no attack arguments; got {sorted(kwargs)}.")
+      raise ValueError(
+          f"The clean data take no attack arguments; got {sorted(kwargs)}."
+      )
     return tf.convert_to_tensor(x)
   if attack == "gaussian":
     return gaussian_noise(x, seed=seed, **kwargs)
   if attack not in ATTACKS:
     raise ValueError(
         f"Unknown attack {attack!r}; expected 'clean', 'gaussian' or one of "
-        f"{sorted(ATTACKS)}.")
+        f"{sorted(ATTACKS)}."
+    )
   if attack == "pgd":
     kwargs.setdefault("seed", seed)
   return ATTACKS[attack](model, x, labels, **kwargs)
 
 
-def robust_accuracy(model, dataset, attack="clean", source_model=None, seed=0,
-                    **kwargs):
+def robust_accuracy(
+    model, dataset, attack="clean", source_model=None, seed=0, **kwargs
+):
   """Accuracy of ``model`` on ``dataset`` perturbed by ``attack``.
 
   White-box by default; with ``source_model`` the adversarial examples are crafted on

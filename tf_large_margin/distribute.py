@@ -33,10 +33,12 @@ class MultiWorkerFit:
 
 def local_batch(batch):
   """The first local replica's part of a (possibly distributed) batch structure."""
+
   def local(value):
     if isinstance(value, tf.distribute.DistributedValues):
       return tf.distribute.get_strategy().experimental_local_results(value)[0]
     return value
+
   return tf.nest.map_structure(local, batch)
 
 

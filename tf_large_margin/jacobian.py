@@ -44,16 +44,20 @@ def jacobian_penalty(inputs, features, classifier_kernel, tape, class_indices=No
   kernel = tf.cast(classifier_kernel, features.dtype)
   directions = tf.transpose(kernel / tf.norm(kernel, axis=0, keepdims=True))  # [C, F]
   if class_indices is None:
-    cotangents = [tf.broadcast_to(direction, tf.shape(features))
-                  for direction in tf.unstack(directions)]
+    cotangents = [
+        tf.broadcast_to(direction, tf.shape(features))
+        for direction in tf.unstack(directions)
+    ]
   else:
     cotangents = [tf.gather(directions, class_indices)]
-  total = 0.
+  total = 0.0
   for cotangent in cotangents:
     rows = tape.gradient(features, inputs, output_gradients=cotangent)
     if rows is None:
-      raise ValueError("The features do not depend on the inputs (gradient None): "
-                       "the tape must watch the inputs and record the features.")
+      raise ValueError(
+          "The features do not depend on the inputs (gradient None): "
+          "the tape must watch the inputs and record the features."
+      )
     total += tf.reduce_sum(tf.norm(tf.reshape(rows, [tf.shape(rows)[0], -1]), axis=1))
   return total
 
@@ -82,13 +86,23 @@ class JacobianModel(TotalLossStep, keras.Model):
       output layer must be a `keras.layers.Dense` applied to the features.
   """
 
-  def __init__(self, *args, feature_layer, jacobian_weight=0.1, variant="random",
-               classifier_weight=0., seed=None, **kwargs):
+  def __init__(
+      self,
+      *args,
+      feature_layer,
+      jacobian_weight=0.1,
+      variant="random",
+      classifier_weight=0.0,
+      seed=None,
+      **kwargs,
+  ):
     super().__init__(*args, **kwargs)
     if variant not in VARIANTS:
       raise ValueError(f"variant must be one of {VARIANTS}; got {variant!r}.")
-    for name, value in (("jacobian_weight", jacobian_weight),
-                        ("classifier_weight", classifier_weight)):
+    for name, value in (
+        ("jacobian_weight", jacobian_weight),
+        ("classifier_weight", classifier_weight),
+    ):
       if not value >= 0:
         raise ValueError(f"{name} must be >= 0; got {value!r}.")
     self.feature_layer = feature_layer
@@ -104,18 +118,21 @@ class JacobianModel(TotalLossStep, keras.Model):
     classifier = self.layers[-1]
     features = endpoints.outputs[1]
     if not isinstance(classifier, keras.layers.Dense) or (
-        classifier.input is not features):
+        classifier.input is not features
+    ):
       raise ValueError(
           f"The output layer must be a Dense layer applied to {feature_layer!r} (the "
-          f"linear classifier); got {type(classifier).__name__} {classifier.name!r}.")
+          f"linear classifier); got {type(classifier).__name__} {classifier.name!r}."
+      )
     object.__setattr__(self, "_endpoints", endpoints)
     object.__setattr__(self, "_classifier", classifier)
 
   def _class_indices(self, batch_size, num_classes):
     if self.variant == "all":
       return None
-    return keras.random.randint([batch_size], 0, num_classes,
-                                seed=self._seed_generator, dtype="int32")
+    return keras.random.randint(
+        [batch_size], 0, num_classes, seed=self._seed_generator, dtype="int32"
+    )
 
   def total_loss(self, x, y, sample_weight=None, training=False):
     """Compiled loss + Jacobian penalty + classifier penalty, and the logits."""
@@ -123,28 +140,41 @@ class JacobianModel(TotalLossStep, keras.Model):
     with tf.GradientTape(persistent=True) as tape:
       tape.watch(x)
       logits, features = self._endpoints(x, training=training)
-    loss = self._compute_loss(x=x, y=y, y_pred=logits, sample_weight=sample_weight,
-                              training=training)
+    loss = self._compute_loss(
+        x=x, y=y, y_pred=logits, sample_weight=sample_weight, training=training
+    )
     kernel = self._classifier.kernel
     batch_size = tf.shape(x)[0]
     penalty = jacobian_penalty(
-        x, tf.cast(features, tf.float32), kernel, tape,
-        self._class_indices(batch_size, kernel.shape[-1]))
+        x,
+        tf.cast(features, tf.float32),
+        kernel,
+        tape,
+        self._class_indices(batch_size, kernel.shape[-1]),
+    )
     penalty = scale_loss_for_distribution(
-        self.jacobian_weight * penalty / tf.cast(batch_size, tf.float32))
+        self.jacobian_weight * penalty / tf.cast(batch_size, tf.float32)
+    )
     total = tf.cast(loss, tf.float32) + penalty
     if self.classifier_weight:
       total += scale_loss_for_distribution(
-          self.classifier_weight * tf.reduce_sum(tf.square(tf.cast(kernel, tf.float32))))
-    self._loss_tracker.update_state(unscale_loss_for_distribution(total),
-                                    sample_weight=batch_size)
-    self._jacobian_tracker.update_state(unscale_loss_for_distribution(penalty),
-                                        sample_weight=batch_size)
+          self.classifier_weight * tf.reduce_sum(tf.square(tf.cast(kernel, tf.float32)))
+      )
+    self._loss_tracker.update_state(
+        unscale_loss_for_distribution(total), sample_weight=batch_size
+    )
+    self._jacobian_tracker.update_state(
+        unscale_loss_for_distribution(penalty), sample_weight=batch_size
+    )
     return total, logits
 
   def get_config(self):
     config = super().get_config()
-    config.update(feature_layer=self.feature_layer,
-                  jacobian_weight=self.jacobian_weight, variant=self.variant,
-                  classifier_weight=self.classifier_weight, seed=self.seed)
+    config.update(
+        feature_layer=self.feature_layer,
+        jacobian_weight=self.jacobian_weight,
+        variant=self.variant,
+        classifier_weight=self.classifier_weight,
+        seed=self.seed,
+    )
     return config

@@ -31,10 +31,15 @@ def to_one_hot(y_true, num_classes, rank=2, dtype="float32"):
   elif y_rank != rank - 1:
     raise ValueError(
         f"Labels must be integer class ids of shape (N,) or (N, 1), or one-hot of "
-        f"shape (N, {num_classes}); got shape {tuple(y_true.shape)}.")
+        f"shape (N, {num_classes}); got shape {tuple(y_true.shape)}."
+    )
   labels = tf.cast(y_true, tf.int32)
-  with tf.control_dependencies([
-      tf.debugging.assert_non_negative(labels, message="class ids must be >= 0"),
-      tf.debugging.assert_less(labels, num_classes,
-                               message=f"class ids must be < {num_classes}")]):
+  with tf.control_dependencies(
+      [
+          tf.debugging.assert_non_negative(labels, message="class ids must be >= 0"),
+          tf.debugging.assert_less(
+              labels, num_classes, message=f"class ids must be < {num_classes}"
+          ),
+      ]
+  ):
     return tf.one_hot(labels, num_classes, dtype=dtype)

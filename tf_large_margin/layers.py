@@ -40,187 +40,175 @@ _NORM_EPSILON = 1e-12
 
 
 def _l2_norm(x, axis):
-    return ops.sqrt(
-        ops.maximum(ops.sum(ops.square(x), axis=axis, keepdims=True), _NORM_EPSILON)
-    )
+  return ops.sqrt(
+      ops.maximum(ops.sum(ops.square(x), axis=axis, keepdims=True), _NORM_EPSILON)
+  )
 
 
 def split_head_output(y_pred):
-    """Splits a `CosineHead(return_norms=True)` output into `(cos, scale)`.
+  """Splits a `CosineHead(return_norms=True)` output into `(cos, scale)`.
 
-    Args:
-        y_pred: Tensor of shape `(..., 2C)` laid out as `concat([cos, scale])`.
+  Args:
+      y_pred: Tensor of shape `(..., 2C)` laid out as `concat([cos, scale])`.
 
-    Returns:
-        A tuple `(cos, scale)` of tensors of shape `(..., C)`.
+  Returns:
+      A tuple `(cos, scale)` of tensors of shape `(..., C)`.
 
-    Raises:
-        ValueError: if the (static) last dimension is not even.
-    """
-    y_pred = ops.convert_to_tensor(y_pred)
-    last = y_pred.shape[-1]
-    if last is None:
-        raise ValueError(
-            "The last dimension of the head output must be statically known "
-            "to split it into (cos, norms)."
-        )
-    if last % 2 != 0:
-        raise ValueError(
-            "Expected a head output of shape (..., 2 * num_classes) laid out "
-            "as concat([cos_theta, norms]) (CosineHead(return_norms=True)); "
-            f"got last dimension {last}, which is odd."
-        )
-    num_classes = last // 2
-    return y_pred[..., :num_classes], y_pred[..., num_classes:]
+  Raises:
+      ValueError: if the (static) last dimension is not even.
+  """
+  y_pred = ops.convert_to_tensor(y_pred)
+  last = y_pred.shape[-1]
+  if last is None:
+    raise ValueError(
+        "The last dimension of the head output must be statically known "
+        "to split it into (cos, norms)."
+    )
+  if last % 2 != 0:
+    raise ValueError(
+        "Expected a head output of shape (..., 2 * num_classes) laid out "
+        "as concat([cos_theta, norms]) (CosineHead(return_norms=True)); "
+        f"got last dimension {last}, which is odd."
+    )
+  num_classes = last // 2
+  return y_pred[..., :num_classes], y_pred[..., num_classes:]
 
 
 def head_output_logits(y_pred):
-    """Ordinary logits `scale_j * cos(theta_j)` from a `return_norms=True` output."""
-    cos, scale = split_head_output(y_pred)
-    return cos * scale
+  """Ordinary logits `scale_j * cos(theta_j)` from a `return_norms=True` output."""
+  cos, scale = split_head_output(y_pred)
+  return cos * scale
 
 
 @keras.saving.register_keras_serializable(package="tf_large_margin")
 class CosineHead(keras.layers.Layer):
-    """Bias-free classification layer exposing `cos(theta_j)`.
+  """Bias-free classification layer exposing `cos(theta_j)`.
 
-    Computes, for each class `j` with weight column `w_j`,
+  Computes, for each class `j` with weight column `w_j`,
 
-    ```
-    cos(theta_j) = clip(<x / ||x||, w_j / ||w_j||>, -1, 1)
-    ```
+  ```
+  cos(theta_j) = clip(<x / ||x||, w_j / ||w_j||>, -1, 1)
+  ```
 
-    and returns `scale_j * cos(theta_j)` (or `[cos, scale]`, see
-    `return_norms`), with `scale_j = ||x||^(1 - nf) * ||w_j||^(1 - nw)` where
-    `nf = normalize_features`, `nw = normalize_weights`.
+  and returns `scale_j * cos(theta_j)` (or `[cos, scale]`, see
+  `return_norms`), with `scale_j = ||x||^(1 - nf) * ||w_j||^(1 - nw)` where
+  `nf = normalize_features`, `nw = normalize_weights`.
 
-    Typical configurations:
+  Typical configurations:
 
-    | loss                         | normalize_features | normalize_weights | return_norms |
-    |------------------------------|--------------------|-------------------|--------------|
-    | `AMSoftmax`/`CosFace`, `ArcFace` | True           | True              | False        |
-    | `SphereFace` (A-Softmax)     | False              | True              | True         |
-    | `LSoftmax`                   | False              | False             | True         |
+  | loss                         | normalize_features | normalize_weights | return_norms |
+  |------------------------------|--------------------|-------------------|--------------|
+  | `AMSoftmax`/`CosFace`, `ArcFace` | True           | True              | False        |
+  | `SphereFace` (A-Softmax)     | False              | True              | True         |
+  | `LSoftmax`                   | False              | False             | True         |
 
-    With `normalize_features=False, normalize_weights=False` and
-    `return_norms=False` the layer is (up to the clipping) a bias-free
-    `Dense` layer.
+  With `normalize_features=False, normalize_weights=False` and
+  `return_norms=False` the layer is (up to the clipping) a bias-free
+  `Dense` layer.
 
-    Args:
-        units: Number of classes `C`.
-        normalize_features: Divide the input by its L2 norm (over the last
-            axis). Default `True`.
-        normalize_weights: Divide each weight column `w_j` by its L2 norm.
-            Default `True`.
-        return_norms: If `True`, output `concat([cos, scale], axis=-1)` with
-            shape `(..., 2 * units)` instead of `scale * cos`. Default `False`.
-        kernel_initializer: Initializer for the `(input_dim, units)` kernel.
-        kernel_regularizer: Optional regularizer for the kernel.
-        kernel_constraint: Optional constraint for the kernel.
-        **kwargs: Base `keras.layers.Layer` arguments (`name`, `dtype`, ...).
+  Args:
+      units: Number of classes `C`.
+      normalize_features: Divide the input by its L2 norm (over the last
+          axis). Default `True`.
+      normalize_weights: Divide each weight column `w_j` by its L2 norm.
+          Default `True`.
+      return_norms: If `True`, output `concat([cos, scale], axis=-1)` with
+          shape `(..., 2 * units)` instead of `scale * cos`. Default `False`.
+      kernel_initializer: Initializer for the `(input_dim, units)` kernel.
+      kernel_regularizer: Optional regularizer for the kernel.
+      kernel_constraint: Optional constraint for the kernel.
+      **kwargs: Base `keras.layers.Layer` arguments (`name`, `dtype`, ...).
 
-    Example:
+  Example:
 
-    ```python
-    inputs = keras.Input((784,))
-    feats = keras.layers.Dense(64, activation="relu")(inputs)
-    cos = tf_large_margin.layers.CosineHead(10)(feats)
-    model = keras.Model(inputs, cos)
-    model.compile("adam", tf_large_margin.output_margin.ArcFace(margin=0.5, scale=30.0))
-    ```
-    """
+  ```python
+  inputs = keras.Input((784,))
+  feats = keras.layers.Dense(64, activation="relu")(inputs)
+  cos = tf_large_margin.layers.CosineHead(10)(feats)
+  model = keras.Model(inputs, cos)
+  model.compile("adam", tf_large_margin.output_margin.ArcFace(margin=0.5, scale=30.0))
+  ```
+  """
 
-    def __init__(
-        self,
-        units,
-        normalize_features=True,
-        normalize_weights=True,
-        return_norms=False,
-        kernel_initializer="glorot_uniform",
-        kernel_regularizer=None,
-        kernel_constraint=None,
-        **kwargs,
-    ):
-        super().__init__(**kwargs)
-        if (
-            isinstance(units, bool)
-            or not isinstance(units, numbers.Integral)
-            or units < 1
-        ):
-            raise ValueError(
-                f"`units` must be a positive integer, got units={units!r}."
-            )
-        self.units = int(units)
-        self.normalize_features = bool(normalize_features)
-        self.normalize_weights = bool(normalize_weights)
-        self.return_norms = bool(return_norms)
-        self.kernel_initializer = keras.initializers.get(kernel_initializer)
-        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
-        self.kernel_constraint = keras.constraints.get(kernel_constraint)
-        self.input_spec = keras.layers.InputSpec(min_ndim=2)
+  def __init__(
+      self,
+      units,
+      normalize_features=True,
+      normalize_weights=True,
+      return_norms=False,
+      kernel_initializer="glorot_uniform",
+      kernel_regularizer=None,
+      kernel_constraint=None,
+      **kwargs,
+  ):
+    super().__init__(**kwargs)
+    if isinstance(units, bool) or not isinstance(units, numbers.Integral) or units < 1:
+      raise ValueError(f"`units` must be a positive integer, got units={units!r}.")
+    self.units = int(units)
+    self.normalize_features = bool(normalize_features)
+    self.normalize_weights = bool(normalize_weights)
+    self.return_norms = bool(return_norms)
+    self.kernel_initializer = keras.initializers.get(kernel_initializer)
+    self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
+    self.kernel_constraint = keras.constraints.get(kernel_constraint)
+    self.input_spec = keras.layers.InputSpec(min_ndim=2)
 
-    def build(self, input_shape):
-        input_dim = input_shape[-1]
-        if input_dim is None:
-            raise ValueError(
-                "CosineHead needs a known last input dimension; got "
-                f"input_shape={input_shape}."
-            )
-        self.kernel = self.add_weight(
-            name="kernel",
-            shape=(input_dim, self.units),
-            initializer=self.kernel_initializer,
-            regularizer=self.kernel_regularizer,
-            constraint=self.kernel_constraint,
-        )
-        self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: input_dim})
+  def build(self, input_shape):
+    input_dim = input_shape[-1]
+    if input_dim is None:
+      raise ValueError(
+          "CosineHead needs a known last input dimension; got "
+          f"input_shape={input_shape}."
+      )
+    self.kernel = self.add_weight(
+        name="kernel",
+        shape=(input_dim, self.units),
+        initializer=self.kernel_initializer,
+        regularizer=self.kernel_regularizer,
+        constraint=self.kernel_constraint,
+    )
+    self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: input_dim})
 
-    def call(self, inputs):
-        x = ops.convert_to_tensor(inputs, dtype=self.compute_dtype)
-        w = ops.convert_to_tensor(self.kernel, dtype=self.compute_dtype)
-        x_norm = _l2_norm(x, axis=-1)  # (..., 1)
-        w_norm = _l2_norm(w, axis=0)  # (1, C)
-        cos = ops.matmul(x / x_norm, w / w_norm)
-        cos = ops.clip(cos, -1.0, 1.0)
+  def call(self, inputs):
+    x = ops.convert_to_tensor(inputs, dtype=self.compute_dtype)
+    w = ops.convert_to_tensor(self.kernel, dtype=self.compute_dtype)
+    x_norm = _l2_norm(x, axis=-1)  # (..., 1)
+    w_norm = _l2_norm(w, axis=0)  # (1, C)
+    cos = ops.matmul(x / x_norm, w / w_norm)
+    cos = ops.clip(cos, -1.0, 1.0)
 
-        scale = None
-        if not self.normalize_features:
-            scale = x_norm
-        if not self.normalize_weights:
-            w_norm_row = ops.reshape(w_norm, (self.units,))
-            scale = w_norm_row if scale is None else scale * w_norm_row
+    scale = None
+    if not self.normalize_features:
+      scale = x_norm
+    if not self.normalize_weights:
+      w_norm_row = ops.reshape(w_norm, (self.units,))
+      scale = w_norm_row if scale is None else scale * w_norm_row
 
-        if self.return_norms:
-            if scale is None:
-                scale = ops.ones_like(cos)
-            else:
-                scale = ops.broadcast_to(scale, ops.shape(cos))
-            return ops.concatenate([cos, scale], axis=-1)
-        if scale is None:
-            return cos
-        return cos * scale
+    if self.return_norms:
+      if scale is None:
+        scale = ops.ones_like(cos)
+      else:
+        scale = ops.broadcast_to(scale, ops.shape(cos))
+      return ops.concatenate([cos, scale], axis=-1)
+    if scale is None:
+      return cos
+    return cos * scale
 
-    def compute_output_shape(self, input_shape):
-        out = self.units * 2 if self.return_norms else self.units
-        return tuple(input_shape[:-1]) + (out,)
+  def compute_output_shape(self, input_shape):
+    out = self.units * 2 if self.return_norms else self.units
+    return tuple(input_shape[:-1]) + (out,)
 
-    def get_config(self):
-        config = super().get_config()
-        config.update(
-            {
-                "units": self.units,
-                "normalize_features": self.normalize_features,
-                "normalize_weights": self.normalize_weights,
-                "return_norms": self.return_norms,
-                "kernel_initializer": keras.initializers.serialize(
-                    self.kernel_initializer
-                ),
-                "kernel_regularizer": keras.regularizers.serialize(
-                    self.kernel_regularizer
-                ),
-                "kernel_constraint": keras.constraints.serialize(
-                    self.kernel_constraint
-                ),
-            }
-        )
-        return config
+  def get_config(self):
+    config = super().get_config()
+    config.update(
+        {
+            "units": self.units,
+            "normalize_features": self.normalize_features,
+            "normalize_weights": self.normalize_weights,
+            "return_norms": self.return_norms,
+            "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+            "kernel_regularizer": keras.regularizers.serialize(self.kernel_regularizer),
+            "kernel_constraint": keras.constraints.serialize(self.kernel_constraint),
+        }
+    )
+    return config

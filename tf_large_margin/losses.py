@@ -57,19 +57,32 @@ class LargeMarginLoss(keras.losses.Loss):
   Labels may be integers ([batch] or [batch, 1]) or one-hot ([batch, classes]).
   """
 
-  def __init__(self, gamma=10000., alpha_factor=2., top_k=1, dist_norm=2,
-               epsilon=1e-8, use_approximation=True, worst_case_loss=True,
-               cross_entropy_weight=0., from_logits=True, shrinkage="clip",
-               aggregation="mean", correct_only=False,
-               reduction="sum_over_batch_size", name="large_margin_loss",
-               dtype=None):
+  def __init__(
+      self,
+      gamma=10000.0,
+      alpha_factor=2.0,
+      top_k=1,
+      dist_norm=2,
+      epsilon=1e-8,
+      use_approximation=True,
+      worst_case_loss=True,
+      cross_entropy_weight=0.0,
+      from_logits=True,
+      shrinkage="clip",
+      aggregation="mean",
+      correct_only=False,
+      reduction="sum_over_batch_size",
+      name="large_margin_loss",
+      dtype=None,
+  ):
     super().__init__(name=name, reduction=reduction, dtype=dtype)
     margin.dual_norm(dist_norm)
     if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
       raise ValueError(f"top_k must be an integer >= 1; got {top_k!r}.")
     if cross_entropy_weight < 0:
       raise ValueError(
-          f"cross_entropy_weight must be >= 0; got {cross_entropy_weight}.")
+          f"cross_entropy_weight must be >= 0; got {cross_entropy_weight}."
+      )
     if epsilon < 0:
       raise ValueError(f"epsilon must be >= 0; got {epsilon}.")
     self.gamma = float(gamma)
@@ -92,18 +105,25 @@ class LargeMarginLoss(keras.losses.Loss):
   @property
   def margin_kwargs(self):
     """The margin keyword arguments of `tf_large_margin.large_margin_per_example`."""
-    return dict(gamma=self.gamma, alpha_factor=self.alpha_factor, top_k=self.top_k,
-                dist_norm=self.dist_norm, epsilon=self.epsilon,
-                use_approximation=self.use_approximation,
-                worst_case_loss=self.worst_case_loss, shrinkage=self.shrinkage)
+    return dict(
+        gamma=self.gamma,
+        alpha_factor=self.alpha_factor,
+        top_k=self.top_k,
+        dist_norm=self.dist_norm,
+        epsilon=self.epsilon,
+        use_approximation=self.use_approximation,
+        worst_case_loss=self.worst_case_loss,
+        shrinkage=self.shrinkage,
+    )
 
   def logits_and_labels(self, y_true, y_pred):
     """``(logits, one_hot)`` from what Keras passes to the loss."""
     logits = y_pred if self.from_logits else probabilities_to_logits(y_pred)
     return logits, to_one_hot(y_true, logits.shape[-1], dtype=logits.dtype)
 
-  def per_example_parts(self, one_hot, logits, layers_list=None, layers_weights=None,
-                        tape=None):
+  def per_example_parts(
+      self, one_hot, logits, layers_list=None, layers_weights=None, tape=None
+  ):
     """``(margin, crossentropy)`` per example, both [batch].
 
     The margin values carry the aggregation's per-example weights (all 1 for the
@@ -115,20 +135,28 @@ class LargeMarginLoss(keras.losses.Loss):
     """
     if layers_list is None:
       margin_values = margin.logit_margin_per_example(
-          logits=logits, one_hot_labels=one_hot, **self.margin_kwargs)
+          logits=logits, one_hot_labels=one_hot, **self.margin_kwargs
+      )
     else:
       margin_values = margin.large_margin_per_example(
-          logits=logits, one_hot_labels=one_hot, layers_list=layers_list,
-          layers_weights=layers_weights, tape=tape, **self.margin_kwargs)
+          logits=logits,
+          one_hot_labels=one_hot,
+          layers_list=layers_list,
+          layers_weights=layers_weights,
+          tape=tape,
+          **self.margin_kwargs,
+      )
     if self.aggregation != "mean" or self.correct_only:
       correct = None
       if self.correct_only:
         correct = tf.equal(tf.argmax(logits, axis=1), tf.argmax(one_hot, axis=1))
-      margin_values *= margin.aggregation_weights(margin_values, correct,
-                                                  self.aggregation)
+      margin_values *= margin.aggregation_weights(
+          margin_values, correct, self.aggregation
+      )
     xent_values = tf.nn.softmax_cross_entropy_with_logits(
         labels=tf.cast(one_hot, margin_values.dtype),
-        logits=tf.cast(logits, margin_values.dtype))
+        logits=tf.cast(logits, margin_values.dtype),
+    )
     return margin_values, xent_values
 
   def call(self, y_true, y_pred):
@@ -138,9 +166,13 @@ class LargeMarginLoss(keras.losses.Loss):
 
   def get_config(self):
     config = super().get_config()
-    config.update(self.margin_kwargs, cross_entropy_weight=self.cross_entropy_weight,
-                  from_logits=self.from_logits, aggregation=self.aggregation,
-                  correct_only=self.correct_only)
+    config.update(
+        self.margin_kwargs,
+        cross_entropy_weight=self.cross_entropy_weight,
+        from_logits=self.from_logits,
+        aggregation=self.aggregation,
+        correct_only=self.correct_only,
+    )
     if callable(self.shrinkage):
       config["shrinkage"] = keras.saving.serialize_keras_object(self.shrinkage)
     return config

@@ -36,8 +36,7 @@ def dual_norm(dist_norm):
   try:
     return DUAL_NORMS[dist_norm]
   except (KeyError, TypeError):
-    raise ValueError(
-        f"dist_norm must be 1, 2 or np.inf; got {dist_norm!r}.") from None
+    raise ValueError(f"dist_norm must be 1, 2 or np.inf; got {dist_norm!r}.") from None
 
 
 def flat_norm(x, ord):  # pylint: disable=redefined-builtin
@@ -72,7 +71,7 @@ def top_k_probability_differences(probs, one_hot_labels, top_k):
     ``tf.math.top_k``).
   """
   correct_prob = tf.reduce_sum(probs * one_hot_labels, axis=1, keepdims=True)
-  other_probs = probs * (1. - one_hot_labels)
+  other_probs = probs * (1.0 - one_hot_labels)
   top_probs, indices = tf.math.top_k(other_probs, k=top_k)
   return correct_prob - top_probs, indices
 
@@ -92,9 +91,10 @@ def probability_difference_cotangents(probs, one_hot_labels, indices):
   cotangents = []
   for j in range(indices.shape[1]):
     other = tf.one_hot(indices[:, j], num_classes, dtype=probs.dtype)
-    v = one_hot_labels - other * (1. - one_hot_labels)
+    v = one_hot_labels - other * (1.0 - one_hot_labels)
     cotangents.append(
-        probs * v - probs * tf.reduce_sum(probs * v, axis=1, keepdims=True))
+        probs * v - probs * tf.reduce_sum(probs * v, axis=1, keepdims=True)
+    )
   return cotangents
 
 
@@ -109,9 +109,9 @@ def clip_shrinkage(distances, gamma, alpha_factor):
   Returned as the loss -r(d) = relu(gamma - max(d, gamma (1 - alpha))) - gamma,
   written as the original does (the same value and gradient at the clip points).
   """
-  lower = gamma * (1. - alpha_factor)
+  lower = gamma * (1.0 - alpha_factor)
   loss = _maximum_with_relu(distances, lower)
-  return -(_maximum_with_relu(0., gamma - loss) - gamma)
+  return -(_maximum_with_relu(0.0, gamma - loss) - gamma)
 
 
 def identity_shrinkage(distances, gamma, alpha_factor):
@@ -130,12 +130,15 @@ def get_shrinkage(shrinkage):
   try:
     return SHRINKAGES[shrinkage]
   except (KeyError, TypeError):
-    raise ValueError(f"shrinkage must be one of {sorted(SHRINKAGES)} or a callable "
-                     f"r(distances, gamma, alpha_factor); got {shrinkage!r}.") from None
+    raise ValueError(
+        f"shrinkage must be one of {sorted(SHRINKAGES)} or a callable "
+        f"r(distances, gamma, alpha_factor); got {shrinkage!r}."
+    ) from None
 
 
-def distance_loss(distances, gamma=10000., alpha_factor=2., worst_case_loss=True,
-                  shrinkage="clip"):
+def distance_loss(
+    distances, gamma=10000.0, alpha_factor=2.0, worst_case_loss=True, shrinkage="clip"
+):
   """Per-example loss -sum_j r(d_j) of the distances; the original's by default.
 
       loss = sum_j relu(gamma - max(d_j, gamma * (1 - alpha_factor))) - gamma
@@ -155,8 +158,9 @@ def distance_loss(distances, gamma=10000., alpha_factor=2., worst_case_loss=True
   """
   if worst_case_loss:
     distances = tf.reduce_min(distances, axis=1, keepdims=True)
-  return -tf.reduce_sum(get_shrinkage(shrinkage)(distances, gamma, alpha_factor),
-                        axis=1)
+  return -tf.reduce_sum(
+      get_shrinkage(shrinkage)(distances, gamma, alpha_factor), axis=1
+  )
 
 
 AGGREGATIONS = ("mean", "min")
@@ -167,11 +171,16 @@ def check_aggregation(aggregation):
   if isinstance(aggregation, str):
     valid = aggregation in AGGREGATIONS
   else:
-    valid = (isinstance(aggregation, (int, np.integer)) and
-             not isinstance(aggregation, bool) and aggregation >= 1)
+    valid = (
+        isinstance(aggregation, (int, np.integer))
+        and not isinstance(aggregation, bool)
+        and aggregation >= 1
+    )
   if not valid:
-    raise ValueError(f"aggregation must be one of {AGGREGATIONS} or an integer >= 1; "
-                     f"got {aggregation!r}.")
+    raise ValueError(
+        f"aggregation must be one of {AGGREGATIONS} or an integer >= 1; "
+        f"got {aggregation!r}."
+    )
 
 
 def aggregation_weights(per_example_loss, correct=None, aggregation="mean"):
@@ -188,46 +197,51 @@ def aggregation_weights(per_example_loss, correct=None, aggregation="mean"):
   check_aggregation(aggregation)
   per_example_loss = tf.stop_gradient(per_example_loss)
   batch = tf.shape(per_example_loss)[0]
-  in_set = (tf.ones_like(per_example_loss, tf.bool) if correct is None
-            else tf.cast(correct, tf.bool))
+  in_set = (
+      tf.ones_like(per_example_loss, tf.bool)
+      if correct is None
+      else tf.cast(correct, tf.bool)
+  )
   if aggregation == "mean":
     chosen = tf.cast(in_set, per_example_loss.dtype)
   else:
     count = 1 if aggregation == "min" else aggregation
     count = tf.minimum(count, tf.reduce_sum(tf.cast(in_set, tf.int32)))
-    ranked = tf.where(in_set, per_example_loss,
-                      tf.fill(tf.shape(per_example_loss), -np.inf))
+    ranked = tf.where(
+        in_set, per_example_loss, tf.fill(tf.shape(per_example_loss), -np.inf)
+    )
     _, top = tf.math.top_k(ranked, k=count)
-    chosen = tf.scatter_nd(top[:, None], tf.ones([count], per_example_loss.dtype),
-                           [batch])
+    chosen = tf.scatter_nd(
+        top[:, None], tf.ones([count], per_example_loss.dtype), [batch]
+    )
   size = tf.reduce_sum(chosen)
   return tf.math.divide_no_nan(chosen * tf.cast(batch, chosen.dtype), size)
 
 
-def _check_hyperparameters(top_k, num_classes, dist_norm, num_layers,
-                           layers_weights):
+def _check_hyperparameters(top_k, num_classes, dist_norm, num_layers, layers_weights):
   """Validates the arguments shared by the margin functions; returns the weights."""
   dual_norm(dist_norm)
   if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)):
     raise ValueError(f"top_k must be an integer; got {top_k!r}.")
   if num_classes is not None and not 1 <= top_k <= num_classes:
-    raise ValueError(
-        f"top_k must be in [1, num_classes={num_classes}]; got {top_k}.")
+    raise ValueError(f"top_k must be in [1, num_classes={num_classes}]; got {top_k}.")
   if top_k < 1:
     raise ValueError(f"top_k must be >= 1; got {top_k}.")
   if num_layers == 0:
     raise ValueError("layers_list is empty: give at least one layer tensor.")
   if layers_weights is None:
-    return [1.] * num_layers
+    return [1.0] * num_layers
   layers_weights = list(layers_weights)
   if len(layers_weights) != num_layers:
     raise ValueError(
         f"layers_weights has {len(layers_weights)} entries but layers_list has "
-        f"{num_layers}.")
+        f"{num_layers}."
+    )
   for i, weight in enumerate(layers_weights):
     if not weight > 0:
       raise ValueError(
-          f"layers_weights must be positive; layers_weights[{i}] = {weight!r}.")
+          f"layers_weights must be positive; layers_weights[{i}] = {weight!r}."
+      )
   return layers_weights
 
 
@@ -246,7 +260,8 @@ def _check_logits_and_labels(logits, one_hot_labels):
   if not logits.shape.is_compatible_with(one_hot_labels.shape):
     raise ValueError(
         f"logits and one_hot_labels must have the same shape; got {logits.shape} "
-        f"and {one_hot_labels.shape}.")
+        f"and {one_hot_labels.shape}."
+    )
   math_dtype = tf.float32 if logits.dtype.size < 4 else logits.dtype
   return logits, tf.cast(one_hot_labels, math_dtype)
 
@@ -254,7 +269,9 @@ def _check_logits_and_labels(logits, one_hot_labels):
 def _distances(differences, gradients, dual, weight, epsilon, use_approximation):
   """d = diff / (||g_j||_q / weight + epsilon) for each column j; [batch, k]."""
   norms = tf.stack(
-      [flat_norm(tf.cast(g, differences.dtype), dual) / weight for g in gradients], axis=1)
+      [flat_norm(tf.cast(g, differences.dtype), dual) / weight for g in gradients],
+      axis=1,
+  )
   if use_approximation:
     norms = tf.stop_gradient(norms)
   return differences / (norms + epsilon)
@@ -276,9 +293,18 @@ def _describe(index, tensor):
   return f"layers_list[{index}]{name} of shape {tensor.shape}"
 
 
-def margin_distances(*, logits, one_hot_labels, layers_list, top_k=1, dist_norm=2,
-                     epsilon=1e-8, use_approximation=True, layers_weights=None,
-                     tape=None):
+def margin_distances(
+    *,
+    logits,
+    one_hot_labels,
+    layers_list,
+    top_k=1,
+    dist_norm=2,
+    epsilon=1e-8,
+    use_approximation=True,
+    layers_weights=None,
+    tape=None,
+):
   """First-order signed distances to the top-k decision boundaries at each layer.
 
       d_l[:, j] = (p_y - p_(j)) / (epsilon + || grad_{h_l} (p_y - p_(j)) ||_q / w_l)
@@ -306,17 +332,19 @@ def margin_distances(*, logits, one_hot_labels, layers_list, top_k=1, dist_norm=
   """
   logits, one_hot_labels = _check_logits_and_labels(logits, one_hot_labels)
   layers_list = list(layers_list)
-  layers_weights = _check_hyperparameters(top_k, logits.shape[1], dist_norm,
-                                          len(layers_list), layers_weights)
+  layers_weights = _check_hyperparameters(
+      top_k, logits.shape[1], dist_norm, len(layers_list), layers_weights
+  )
   if tape is None and tf.executing_eagerly():
     raise ValueError(
         "In eager mode pass tape=: the tf.GradientTape that recorded logits "
-        "from layers_list (tf.gradients needs a tf.function).")
-  if (tape is not None and top_k > 1 and
-      getattr(tape, "_persistent", True) is False):
+        "from layers_list (tf.gradients needs a tf.function)."
+    )
+  if tape is not None and top_k > 1 and getattr(tape, "_persistent", True) is False:
     raise ValueError(
         f"top_k={top_k} needs one gradient per class: pass a "
-        "tf.GradientTape(persistent=True).")
+        "tf.GradientTape(persistent=True)."
+    )
   dual = dual_norm(dist_norm)
 
   probs = tf.nn.softmax(tf.cast(logits, one_hot_labels.dtype))
@@ -326,14 +354,19 @@ def margin_distances(*, logits, one_hot_labels, layers_list, top_k=1, dist_norm=
   # gradients[l][j]: grad_{h_l} (p_y - p_(j)), one backward pass per class j.
   gradients = [[] for _ in layers_list]
   for cotangent in cotangents:
-    grads = _vector_jacobian_product(tape, logits, layers_list,
-                                     tf.cast(cotangent, logits.dtype),
-                                     record=not use_approximation)
+    grads = _vector_jacobian_product(
+        tape,
+        logits,
+        layers_list,
+        tf.cast(cotangent, logits.dtype),
+        record=not use_approximation,
+    )
     for l, grad in enumerate(grads):
       if grad is None:
         raise ValueError(
             f"logits do not depend on {_describe(l, layers_list[l])}: its gradient "
-            "is None (in eager mode, the tape must watch it and record logits).")
+            "is None (in eager mode, the tape must watch it and record logits)."
+        )
       gradients[l].append(grad)
 
   distances = [
@@ -343,28 +376,60 @@ def margin_distances(*, logits, one_hot_labels, layers_list, top_k=1, dist_norm=
   return differences, distances
 
 
-def large_margin_per_example(*, logits, one_hot_labels, layers_list, gamma=10000.,
-                             alpha_factor=2., top_k=1, dist_norm=2, epsilon=1e-8,
-                             use_approximation=True, worst_case_loss=True,
-                             layers_weights=None, tape=None, shrinkage="clip"):
+def large_margin_per_example(
+    *,
+    logits,
+    one_hot_labels,
+    layers_list,
+    gamma=10000.0,
+    alpha_factor=2.0,
+    top_k=1,
+    dist_norm=2,
+    epsilon=1e-8,
+    use_approximation=True,
+    worst_case_loss=True,
+    layers_weights=None,
+    tape=None,
+    shrinkage="clip",
+):
   """Eq. 10 per example, averaged over layers: a [batch] tensor.
 
   Its batch mean is `large_margin`; see there for the arguments, and
   `distance_loss` for ``shrinkage``.
   """
   _, distances = margin_distances(
-      logits=logits, one_hot_labels=one_hot_labels, layers_list=layers_list,
-      top_k=top_k, dist_norm=dist_norm, epsilon=epsilon,
-      use_approximation=use_approximation, layers_weights=layers_weights, tape=tape)
-  losses = [distance_loss(d, gamma, alpha_factor, worst_case_loss, shrinkage)
-            for d in distances]
+      logits=logits,
+      one_hot_labels=one_hot_labels,
+      layers_list=layers_list,
+      top_k=top_k,
+      dist_norm=dist_norm,
+      epsilon=epsilon,
+      use_approximation=use_approximation,
+      layers_weights=layers_weights,
+      tape=tape,
+  )
+  losses = [
+      distance_loss(d, gamma, alpha_factor, worst_case_loss, shrinkage)
+      for d in distances
+  ]
   return tf.add_n(losses) / len(losses)
 
 
-def large_margin(*, logits, one_hot_labels, layers_list, gamma=10000.,
-                 alpha_factor=2., top_k=1, dist_norm=2, epsilon=1e-8,
-                 use_approximation=True, worst_case_loss=True, layers_weights=None,
-                 tape=None):
+def large_margin(
+    *,
+    logits,
+    one_hot_labels,
+    layers_list,
+    gamma=10000.0,
+    alpha_factor=2.0,
+    top_k=1,
+    dist_norm=2,
+    epsilon=1e-8,
+    use_approximation=True,
+    worst_case_loss=True,
+    layers_weights=None,
+    tape=None,
+):
   """The large-margin loss of Elsayed et al. 2018 (Eq. 10), as the original code.
 
   For each layer h_l in ``layers_list`` and each of the ``top_k`` most probable
@@ -414,17 +479,37 @@ def large_margin(*, logits, one_hot_labels, layers_list, gamma=10000.,
     ValueError: for a bad hyper-parameter, mismatched shapes, an empty
       ``layers_list``, non-float logits or a layer the logits do not depend on.
   """
-  return tf.reduce_mean(large_margin_per_example(
-      logits=logits, one_hot_labels=one_hot_labels, layers_list=layers_list,
-      gamma=gamma, alpha_factor=alpha_factor, top_k=top_k, dist_norm=dist_norm,
-      epsilon=epsilon, use_approximation=use_approximation,
-      worst_case_loss=worst_case_loss, layers_weights=layers_weights, tape=tape))
+  return tf.reduce_mean(
+      large_margin_per_example(
+          logits=logits,
+          one_hot_labels=one_hot_labels,
+          layers_list=layers_list,
+          gamma=gamma,
+          alpha_factor=alpha_factor,
+          top_k=top_k,
+          dist_norm=dist_norm,
+          epsilon=epsilon,
+          use_approximation=use_approximation,
+          worst_case_loss=worst_case_loss,
+          layers_weights=layers_weights,
+          tape=tape,
+      )
+  )
 
 
-def logit_margin_per_example(*, logits, one_hot_labels, gamma=10000.,
-                             alpha_factor=2., top_k=1, dist_norm=2, epsilon=1e-8,
-                             use_approximation=True, worst_case_loss=True,
-                             shrinkage="clip"):
+def logit_margin_per_example(
+    *,
+    logits,
+    one_hot_labels,
+    gamma=10000.0,
+    alpha_factor=2.0,
+    top_k=1,
+    dist_norm=2,
+    epsilon=1e-8,
+    use_approximation=True,
+    worst_case_loss=True,
+    shrinkage="clip",
+):
   """Eq. 10 at the logits only, per example, with no tape: a [batch] tensor.
 
   The gradient of p_y - p_j w.r.t. the logits is the analytic softmax cotangent
@@ -436,6 +521,7 @@ def logit_margin_per_example(*, logits, one_hot_labels, gamma=10000.,
   probs = tf.nn.softmax(tf.cast(logits, one_hot_labels.dtype))
   differences, indices = top_k_probability_differences(probs, one_hot_labels, top_k)
   cotangents = probability_difference_cotangents(probs, one_hot_labels, indices)
-  distances = _distances(differences, cotangents, dual_norm(dist_norm), 1., epsilon,
-                         use_approximation)
+  distances = _distances(
+      differences, cotangents, dual_norm(dist_norm), 1.0, epsilon, use_approximation
+  )
   return distance_loss(distances, gamma, alpha_factor, worst_case_loss, shrinkage)

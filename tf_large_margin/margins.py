@@ -102,15 +102,21 @@ def _first_order_graph(endpoints, layers, x, labels, dist_norm, top_k, epsilon):
   hidden = iter(hidden)
   layers_list = [x if name == INPUT else next(hidden) for name in layers]
   _, distances = margin.margin_distances(
-      logits=logits, one_hot_labels=tf.one_hot(labels, logits.shape[1]),
-      layers_list=layers_list, top_k=top_k, dist_norm=dist_norm, epsilon=epsilon,
-      tape=tape)
+      logits=logits,
+      one_hot_labels=tf.one_hot(labels, logits.shape[1]),
+      layers_list=layers_list,
+      top_k=top_k,
+      dist_norm=dist_norm,
+      epsilon=epsilon,
+      tape=tape,
+  )
   correct = tf.logical_not(attacks.misclassified(logits, labels))
   return [tf.reduce_min(d, axis=1) for d in distances], correct
 
 
-def first_order_margins(model, x, labels, layers=(INPUT,), dist_norm=2, top_k=1,
-                        epsilon=1e-8):
+def first_order_margins(
+    model, x, labels, layers=(INPUT,), dist_norm=2, top_k=1, epsilon=1e-8
+):
   """First-order signed distances to the boundary at each layer (Eq. 10's d).
 
       d_h = min_j (p_y - p_j) / (epsilon + || grad_h (p_y - p_j) ||_q)
@@ -137,14 +143,19 @@ def first_order_margins(model, x, labels, layers=(INPUT,), dist_norm=2, top_k=1,
   margin.dual_norm(dist_norm)
   x = tf.convert_to_tensor(x, tf.float32)
   labels, num_classes = attacks.check_logits_and_labels(model, x, labels)
-  if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or not (
-      1 <= top_k < num_classes):
-    raise ValueError(f"top_k must be an integer in [1, classes - 1 = {num_classes - 1}]; "
-                     f"got {top_k!r}.")
-  distances, correct = _first_order_graph(layer_endpoints(model, layers), layers, x,
-                                          labels, dist_norm, top_k, epsilon)
-  return ({name: d.numpy() for name, d in zip(layers, distances)},
-          correct.numpy())
+  if (
+      isinstance(top_k, bool)
+      or not isinstance(top_k, (int, np.integer))
+      or not (1 <= top_k < num_classes)
+  ):
+    raise ValueError(
+        f"top_k must be an integer in [1, classes - 1 = {num_classes - 1}]; "
+        f"got {top_k!r}."
+    )
+  distances, correct = _first_order_graph(
+      layer_endpoints(model, layers), layers, x, labels, dist_norm, top_k, epsilon
+  )
+  return ({name: d.numpy() for name, d in zip(layers, distances)}, correct.numpy())
 
 
 # ---------------------------------------------------------------------------
@@ -179,15 +190,17 @@ def linearized_boundaries(logits, gradients, labels, norm):
     d is inf at k = y and where w_k = 0.
   """
   num_classes = logits.shape[1]
-  label_mask = tf.one_hot(labels, num_classes) > 0.
+  label_mask = tf.one_hot(labels, num_classes) > 0.0
   f = logits - tf.gather(logits, labels, axis=1, batch_dims=1)[:, None]
   w = gradients - tf.gather(gradients, labels, axis=1, batch_dims=1)[:, None]
   dimension = tf.reduce_prod(tf.shape(w)[2:])
   w_norms = tf.reshape(
       margin.flat_norm(tf.reshape(w, [-1, dimension]), margin.dual_norm(norm)),
-      [-1, num_classes])
-  distances = tf.where(label_mask | (w_norms == 0.), np.inf,
-                       -f / tf.where(w_norms == 0., 1., w_norms))
+      [-1, num_classes],
+  )
+  distances = tf.where(
+      label_mask | (w_norms == 0.0), np.inf, -f / tf.where(w_norms == 0.0, 1.0, w_norms)
+  )
   return f, w, distances
 
 
@@ -206,7 +219,7 @@ def deepfool_step(logits, gradients, labels, norm):
   lengths = tf.abs(distances)
   closest = tf.argmin(lengths, axis=1, output_type=tf.int32)
   length = tf.gather(lengths, closest, axis=1, batch_dims=1)
-  length = tf.where(tf.math.is_inf(length), 0., length)
+  length = tf.where(tf.math.is_inf(length), 0.0, length)
   w_l = tf.gather(w, closest, axis=1, batch_dims=1)
   return attacks.expand_to(length, w_l) * attacks.steepest_ascent_direction(w_l, norm)
 
@@ -255,7 +268,7 @@ def _deepfool_graph(model, x, labels, norm, max_iter, overshoot):
       break
     step = deepfool_step(logits, gradients, labels, norm)
     total = tf.where(attacks.expand_to(active, x), total + step, total)
-    x_adv = x + (1. + overshoot) * total
+    x_adv = x + (1.0 + overshoot) * total
   flipped = attacks.misclassified(model(x_adv, training=False), labels)
   return x_adv, flipped
 
@@ -282,8 +295,9 @@ def deepfool(model, x, labels, norm=2, max_iter=50, overshoot=0.02):
   overshoot = attacks.check_nonnegative("overshoot", overshoot)
   x = tf.convert_to_tensor(x, tf.float32)
   labels, _ = attacks.check_logits_and_labels(model, x, labels)
-  x_adv, flipped = _deepfool_graph(model, x, labels, norm, tf.constant(max_iter),
-                                   tf.constant(overshoot))
+  x_adv, flipped = _deepfool_graph(
+      model, x, labels, norm, tf.constant(max_iter), tf.constant(overshoot)
+  )
   distances = margin.flat_norm(x_adv - x, norm).numpy()
   return x_adv, np.where(flipped.numpy(), distances, np.inf)
 
@@ -293,8 +307,15 @@ def deepfool(model, x, labels, norm=2, max_iter=50, overshoot=0.02):
 # ---------------------------------------------------------------------------
 
 
-def dataset_margins(model, dataset, layers=(INPUT,), dist_norm=2, deepfool_steps=50,
-                    overshoot=0.02, progress=None):
+def dataset_margins(
+    model,
+    dataset,
+    layers=(INPUT,),
+    dist_norm=2,
+    deepfool_steps=50,
+    overshoot=0.02,
+    progress=None,
+):
   """Margins of every example of ``dataset``.
 
   Args:
@@ -320,8 +341,9 @@ def dataset_margins(model, dataset, layers=(INPUT,), dist_norm=2, deepfool_steps
     distances[CORRECT] = correct
     distances[LINEARIZED] = linearized_margins(model, x, labels, dist_norm)
     if deepfool_steps:
-      distances[DEEPFOOL] = deepfool(model, x, labels, dist_norm, deepfool_steps,
-                                     overshoot)[1]
+      distances[DEEPFOOL] = deepfool(
+          model, x, labels, dist_norm, deepfool_steps, overshoot
+      )[1]
     for key, values in distances.items():
       parts.setdefault(key, []).append(values)
     if progress is not None:
@@ -345,10 +367,12 @@ def summarize(values, quantiles=QUANTILES, thresholds=()):
   return {
       "count": int(values.size),
       "median": None if empty else float(np.median(values)),
-      "quantiles": {str(q): None if empty else float(np.quantile(values, q))
-                    for q in quantiles},
-      "fraction_below": {str(t): None if empty else float(np.mean(values < t))
-                         for t in thresholds},
+      "quantiles": {
+          str(q): None if empty else float(np.quantile(values, q)) for q in quantiles
+      },
+      "fraction_below": {
+          str(t): None if empty else float(np.mean(values < t)) for t in thresholds
+      },
   }
 
 
@@ -367,5 +391,8 @@ def summarize_margins(margins, only_correct=True, quantiles=QUANTILES, threshold
   if CORRECT not in margins:
     raise ValueError("margins must be a dataset_margins result (no 'correct' key).")
   keep = margins[CORRECT] if only_correct else np.ones_like(margins[CORRECT])
-  return {name: summarize(values[keep], quantiles, thresholds)
-          for name, values in margins.items() if name != CORRECT}
+  return {
+      name: summarize(values[keep], quantiles, thresholds)
+      for name, values in margins.items()
+      if name != CORRECT
+  }

@@ -4,12 +4,14 @@ import math
 
 import keras
 import tensorflow as tf
+
 # Keras' own loss reduction (sample weights, reductions, the 1/replicas scaling of
 # tf.distribute) so that the margin step reduces exactly as `model.compile` losses.
 from keras.src.losses.loss import reduce_weighted_values
 from keras.src.losses.loss import unscale_loss_for_distribution
 from keras.src.trainers.data_adapters.data_adapter_utils import (
-    unpack_x_y_sample_weight)
+    unpack_x_y_sample_weight,
+)
 
 from tf_large_margin import distribute
 from tf_large_margin import margin
@@ -28,25 +30,31 @@ def layer_outputs_model(model, names):
   several times (ambiguous output) or a layer with several outputs.
   """
   if len(model.outputs) != 1:
-    raise ValueError(f"The model needs one output (the logits); got "
-                     f"{len(model.outputs)}.")
+    raise ValueError(
+        f"The model needs one output (the logits); got " f"{len(model.outputs)}."
+    )
   outputs = []
   for name in names:
     try:
       layer = model.get_layer(name)
     except ValueError:
       known = ", ".join(repr(l.name) for l in model.layers)
-      raise ValueError(f"Unknown layer {name!r}: the model's layers are {known} "
-                       "(or 'input').") from None
+      raise ValueError(
+          f"Unknown layer {name!r}: the model's layers are {known} " "(or 'input')."
+      ) from None
     if len(layer._inbound_nodes) != 1:  # pylint: disable=protected-access
-      raise ValueError(f"Layer {name!r} is called several times in the model, so "
-                       "its output is ambiguous.")
+      raise ValueError(
+          f"Layer {name!r} is called several times in the model, so "
+          "its output is ambiguous."
+      )
     if not keras.backend.is_keras_tensor(layer.output):
-      raise ValueError(f"Layer {name!r} has several outputs; one tensor per layer "
-                       "is needed.")
+      raise ValueError(
+          f"Layer {name!r} has several outputs; one tensor per layer " "is needed."
+      )
     outputs.append(layer.output)
-  return keras.Model(model.inputs, [model.outputs[0]] + outputs,
-                     name=f"{model.name}_endpoints")
+  return keras.Model(
+      model.inputs, [model.outputs[0]] + outputs, name=f"{model.name}_endpoints"
+  )
 
 
 class TotalLossStep(distribute.MultiWorkerFit):
@@ -72,14 +80,18 @@ class TotalLossStep(distribute.MultiWorkerFit):
       scaled_loss = self.optimizer.scale_loss(loss)
     gradients = tape.gradient(scaled_loss, self.trainable_weights)
     self.optimizer.apply(gradients, self.trainable_weights)
-    return distribute.logs_for_reduction(self.compute_metrics(x, y, logits, sample_weight))
+    return distribute.logs_for_reduction(
+        self.compute_metrics(x, y, logits, sample_weight)
+    )
 
   def test_step(self, data):
     if not self.has_total_loss():
       return distribute.logs_for_reduction(super().test_step(data))
     x, y, sample_weight = unpack_x_y_sample_weight(data)
     _, logits = self.total_loss(x, y, sample_weight, training=False)
-    return distribute.logs_for_reduction(self.compute_metrics(x, y, logits, sample_weight))
+    return distribute.logs_for_reduction(
+        self.compute_metrics(x, y, logits, sample_weight)
+    )
 
 
 class MarginTraining(TotalLossStep):
@@ -95,8 +107,9 @@ class MarginTraining(TotalLossStep):
 
   def __init__(self, *args, margin_layers=(INPUT,), layers_weights=None, **kwargs):
     super().__init__(*args, **kwargs)
-    margin_layers = [margin_layers] if isinstance(margin_layers, str) else list(
-        margin_layers)
+    margin_layers = (
+        [margin_layers] if isinstance(margin_layers, str) else list(margin_layers)
+    )
     if not margin_layers:
       raise ValueError("margin_layers is empty: name at least one layer or 'input'.")
     if layers_weights is not None and layers_weights != SIZE:
@@ -112,8 +125,9 @@ class MarginTraining(TotalLossStep):
   def _build_endpoints(self):
     """The logits and margin layers' outputs in one call (untracked by Keras)."""
     if INPUT in self.margin_layers and len(self.inputs) != 1:
-      raise ValueError(f"'input' is ambiguous for a model with {len(self.inputs)} "
-                       "inputs.")
+      raise ValueError(
+          f"'input' is ambiguous for a model with {len(self.inputs)} " "inputs."
+      )
     names = [name for name in self.margin_layers if name != INPUT]
     object.__setattr__(self, "_endpoints", layer_outputs_model(self, names))
 
@@ -163,33 +177,46 @@ class MarginTraining(TotalLossStep):
     one_hot = to_one_hot(y, logits.shape[-1])
     try:
       margin_values, xent_values = loss_fn.per_example_parts(
-          one_hot, logits, layers_list=layers_list,
-          layers_weights=self._layers_weights(layers_list), tape=tape)
+          one_hot,
+          logits,
+          layers_list=layers_list,
+          layers_weights=self._layers_weights(layers_list),
+          tape=tape,
+      )
     except ValueError as error:
-      raise ValueError(f"{error} layers_list is the margin_layers "
-                       f"{self.margin_layers}.") from error
+      raise ValueError(
+          f"{error} layers_list is the margin_layers " f"{self.margin_layers}."
+      ) from error
 
     def reduce(values):
-      return reduce_weighted_values(values, sample_weight=sample_weight,
-                                    reduction=loss_fn.reduction, dtype="float32")
+      return reduce_weighted_values(
+          values,
+          sample_weight=sample_weight,
+          reduction=loss_fn.reduction,
+          dtype="float32",
+      )
 
     margin_loss, xent_loss = reduce(margin_values), reduce(xent_values)
     total = margin_loss + loss_fn.cross_entropy_weight * xent_loss
     for extra in self.losses:
       total += tf.cast(self._aggregate_additional_loss(extra), total.dtype)
     batch_size = tf.shape(x)[0]
-    self._loss_tracker.update_state(unscale_loss_for_distribution(total),
-                                    sample_weight=batch_size)
-    self._margin_tracker.update_state(unscale_loss_for_distribution(margin_loss),
-                                      sample_weight=batch_size)
-    self._xent_tracker.update_state(unscale_loss_for_distribution(xent_loss),
-                                    sample_weight=batch_size)
+    self._loss_tracker.update_state(
+        unscale_loss_for_distribution(total), sample_weight=batch_size
+    )
+    self._margin_tracker.update_state(
+        unscale_loss_for_distribution(margin_loss), sample_weight=batch_size
+    )
+    self._xent_tracker.update_state(
+        unscale_loss_for_distribution(xent_loss), sample_weight=batch_size
+    )
     return total, logits
 
   def get_config(self):
     config = super().get_config()
-    config.update(margin_layers=list(self.margin_layers),
-                  layers_weights=self.layers_weights)
+    config.update(
+        margin_layers=list(self.margin_layers), layers_weights=self.layers_weights
+    )
     return config
 
 
@@ -241,9 +268,17 @@ class MarginModel(MarginTraining, keras.Model):
     if not inputs or not outputs:
       raise ValueError(
           f"Model {model.name!r} has no layer graph: build it on a keras.Input (or "
-          "use the MarginTraining mixin with margin_endpoints()).")
+          "use the MarginTraining mixin with margin_endpoints())."
+      )
     if len(outputs) != 1:
-      raise ValueError(f"The model must have one output (the logits); "
-                       f"{model.name!r} has {len(outputs)}.")
-    return cls(inputs=inputs, outputs=outputs[0], margin_layers=margin_layers,
-               layers_weights=layers_weights, name=model.name)
+      raise ValueError(
+          f"The model must have one output (the logits); "
+          f"{model.name!r} has {len(outputs)}."
+      )
+    return cls(
+        inputs=inputs,
+        outputs=outputs[0],
+        margin_layers=margin_layers,
+        layers_weights=layers_weights,
+        name=model.name,
+    )

@@ -23,10 +23,23 @@ class RMSpropTF1(keras.optimizers.RMSprop):
   Args: as `keras.optimizers.RMSprop`.
   """
 
-  def __init__(self, learning_rate=0.001, rho=0.9, momentum=0.0, epsilon=1e-10,
-               centered=False, **kwargs):
-    super().__init__(learning_rate=learning_rate, rho=rho, momentum=momentum,
-                     epsilon=epsilon, centered=centered, **kwargs)
+  def __init__(
+      self,
+      learning_rate=0.001,
+      rho=0.9,
+      momentum=0.0,
+      epsilon=1e-10,
+      centered=False,
+      **kwargs
+  ):
+    super().__init__(
+        learning_rate=learning_rate,
+        rho=rho,
+        momentum=momentum,
+        epsilon=epsilon,
+        centered=centered,
+        **kwargs
+    )
 
   def build(self, var_list):
     if self.built:

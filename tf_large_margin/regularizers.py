@@ -45,12 +45,16 @@ def apply_weight_decay(model, rate):
   """
   variables = model.trainable_variables
   if not variables:
-    raise ValueError(f"Model {model.name!r} has no trainable variables: build it "
-                     "before applying weight decay.")
+    raise ValueError(
+        f"Model {model.name!r} has no trainable variables: build it "
+        "before applying weight decay."
+    )
   taken = [v.path for v in variables if v.regularizer is not None]
   if taken:
-    raise ValueError(f"Variables {taken} already have a regularizer; weight decay "
-                     "would add a second one.")
+    raise ValueError(
+        f"Variables {taken} already have a regularizer; weight decay "
+        "would add a second one."
+    )
   for variable in variables:
     variable.regularizer = WeightDecay(rate)
   return model
