@@ -45,7 +45,7 @@ flags.DEFINE_bool("tfds_download", False, "Let TFDS download missing data.")
 flags.DEFINE_integer(
     "num_validation",
     0,
-    "Training examples held out for validation " "(0: none). The paper: 5000.",
+    "Training examples held out for validation (0: none). The paper: 5000.",
 )
 flags.DEFINE_float(
     "noisy_label_fraction",
@@ -54,10 +54,10 @@ flags.DEFINE_float(
     "by a different random class (also on the validation split).",
 )
 flags.DEFINE_integer(
-    "num_train_examples", 0, "Class-balanced training subset size " "(0: all)."
+    "num_train_examples", 0, "Class-balanced training subset size (0: all)."
 )
 flags.DEFINE_integer(
-    "seed", 0, "Seed of the split, noise, subset, shuffling and " "initialisation."
+    "seed", 0, "Seed of the split, noise, subset, shuffling and initialisation."
 )
 # Loss.
 flags.DEFINE_enum(
@@ -79,12 +79,12 @@ flags.DEFINE_enum(
     "--loss=jacobian: one random class row per example, or all rows.",
 )
 flags.DEFINE_float(
-    "cosine_margin", None, "--loss=amsoftmax|arcface: margin m " "(default 0.35 / 0.5)."
+    "cosine_margin", None, "--loss=amsoftmax|arcface: margin m (default 0.35 / 0.5)."
 )
 flags.DEFINE_float("cosine_scale", 30.0, "--loss=amsoftmax|arcface: scale s.")
 flags.DEFINE_float("gamma", 1e4, "Margin gamma, in the units of the margin layers.")
 flags.DEFINE_float(
-    "alpha_factor", 4.0, "Distances are clipped below at " "gamma * (1 - alpha_factor)."
+    "alpha_factor", 4.0, "Distances are clipped below at gamma * (1 - alpha_factor)."
 )
 flags.DEFINE_integer("top_k", 1, "Competing classes per example.")
 flags.DEFINE_enum("dist_norm", "inf", ["1", "2", "inf"], "Norm of the distances.")
@@ -92,7 +92,7 @@ flags.DEFINE_float("margin_epsilon", 1e-6, "Epsilon added to the gradient norms.
 flags.DEFINE_list(
     "margin_layers",
     ["input", "conv0", "conv1"],
-    "Layers the margin " "is enforced at: layer names and/or 'input', or 'all'.",
+    "Layers the margin is enforced at: layer names and/or 'input', or 'all'.",
 )
 flags.DEFINE_enum(
     "layers_weights",
@@ -104,7 +104,7 @@ flags.DEFINE_enum(
 flags.DEFINE_float(
     "xent_weight",
     0.0,
-    "Weight of the cross-entropy added to the " "margin or hinge loss.",
+    "Weight of the cross-entropy added to the margin or hinge loss.",
 )
 # Optimisation.
 flags.DEFINE_enum(
@@ -136,7 +136,7 @@ flags.DEFINE_float("clip_norm", 5.0, "Global gradient-norm clipping (0: none).")
 flags.DEFINE_float(
     "weight_decay",
     0.0,
-    "Adds weight_decay * sum(v^2) / 2 over all " "trainable variables to the loss.",
+    "Adds weight_decay * sum(v^2) / 2 over all trainable variables to the loss.",
 )
 # Run.
 flags.DEFINE_integer("batch_size", 256, "Global batch size.")
@@ -150,12 +150,12 @@ flags.DEFINE_integer(
 flags.DEFINE_integer(
     "steps_per_loop",
     100,
-    "Steps between validation, checkpoint " "and logs (must divide --train_steps).",
+    "Steps between validation, checkpoint and logs (must divide --train_steps).",
 )
 flags.DEFINE_string(
     "model_dir",
     "/tmp/tf_large_margin",
-    "Output directory; a run " "resumes from the backup found there.",
+    "Output directory; a run resumes from the backup found there.",
 )
 flags.DEFINE_enum(
     "strategy",
@@ -172,7 +172,7 @@ flags.DEFINE_integer(
 flags.DEFINE_integer(
     "verbose",
     1,
-    "Keras fit verbosity: 0 silent, 1 progress bar, " "2 one line per loop.",
+    "Keras fit verbosity: 0 silent, 1 progress bar, 2 one line per loop.",
 )
 
 

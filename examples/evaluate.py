@@ -59,7 +59,7 @@ flags.DEFINE_string(
     "package), 'tfds', or a directory with the data set's files.",
 )
 flags.DEFINE_integer(
-    "num_examples", 0, "Test examples evaluated (the first ones; " "0: all)."
+    "num_examples", 0, "Test examples evaluated (the first ones; 0: all)."
 )
 flags.DEFINE_integer("batch_size", 250, "Examples per batch.")
 flags.DEFINE_list(
@@ -68,7 +68,7 @@ flags.DEFINE_list(
     "l_inf radii of FGSM and iterative FGSM, in [0, 1] pixel units.",
 )
 flags.DEFINE_integer(
-    "ifgsm_steps", 10, "Steps of iterative FGSM (step size " "2.5 epsilon / steps)."
+    "ifgsm_steps", 10, "Steps of iterative FGSM (step size 2.5 epsilon / steps)."
 )
 flags.DEFINE_list(
     "sigmas",
@@ -78,14 +78,14 @@ flags.DEFINE_list(
 flags.DEFINE_list(
     "margin_layers",
     ["input"],
-    "Layers of the first-order margins " "('input' or layer names).",
+    "Layers of the first-order margins ('input' or layer names).",
 )
 flags.DEFINE_enum("dist_norm", "2", ["1", "2", "inf"], "Norm of the margins.")
 flags.DEFINE_integer("deepfool_steps", 50, "DeepFool's maximum steps (0: skip it).")
 flags.DEFINE_list(
     "thresholds",
     ["0.1", "0.3", "1.0"],
-    "Margins summaries report " "the fraction of correct examples below these.",
+    "Margins summaries report the fraction of correct examples below these.",
 )
 flags.DEFINE_integer("seed", 0, "Seed of the Gaussian noise.")
 flags.DEFINE_string("output_dir", "eval", "Directory of eval.json and the plots.")

@@ -27,7 +27,7 @@ from tf_large_margin import datasets
 flags.DEFINE_integer(
     "image_size",
     299,
-    "Images are resized to this square size " "(InceptionV3 needs >= 75).",
+    "Images are resized to this square size (InceptionV3 needs >= 75).",
 )
 flags.DEFINE_string(
     "tfds_manual_dir",

@@ -59,7 +59,7 @@ flags.DEFINE_list(
 flags.DEFINE_list(
     "train_sizes",
     ["68", "550", "5500"],
-    "Training-set sizes of " "sweep (b) besides the full training set.",
+    "Training-set sizes of sweep (b) besides the full training set.",
 )
 flags.DEFINE_string("size_norm", "inf", "Norm of the margin runs of sweep (b).")
 FLAGS = flags.FLAGS

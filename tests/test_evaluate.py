@@ -53,7 +53,7 @@ def evaluation(tmp_path_factory):
       [
           sys.executable,
           SCRIPT,
-          f"--model={directory / 'xent.keras'}," f"{directory / 'margin.keras'}",
+          f"--model={directory / 'xent.keras'},{directory / 'margin.keras'}",
           f"--source_model={directory / 'xent.keras'}",
           "--data_source=embedded",
           f"--num_examples={NUM_EXAMPLES}",

@@ -157,7 +157,7 @@ COMBOS = list(
 
 
 @pytest.mark.parametrize(
-    "dist_norm,top_k,worst_case_loss,use_approximation," "layers_weights", COMBOS
+    "dist_norm,top_k,worst_case_loss,use_approximation,layers_weights", COMBOS
 )
 def test_matches_per_example_reference(
     dist_norm, top_k, worst_case_loss, use_approximation, layers_weights

@@ -57,7 +57,7 @@ def cifar_resnet(
   """
   if depth < 8 or (depth - 2) % 6:
     raise ValueError(
-        f"depth must be 6 n + 2 with n >= 1 (8, 14, 20, 32, 56, ...); " f"got {depth}."
+        f"depth must be 6 n + 2 with n >= 1 (8, 14, 20, 32, 56, ...); got {depth}."
     )
   blocks_per_stage = (depth - 2) // 6
   inputs = keras.Input(input_shape, name="image")

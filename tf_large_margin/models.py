@@ -31,7 +31,7 @@ def layer_outputs_model(model, names):
   """
   if len(model.outputs) != 1:
     raise ValueError(
-        f"The model needs one output (the logits); got " f"{len(model.outputs)}."
+        f"The model needs one output (the logits); got {len(model.outputs)}."
     )
   outputs = []
   for name in names:
@@ -40,7 +40,7 @@ def layer_outputs_model(model, names):
     except ValueError:
       known = ", ".join(repr(l.name) for l in model.layers)
       raise ValueError(
-          f"Unknown layer {name!r}: the model's layers are {known} " "(or 'input')."
+          f"Unknown layer {name!r}: the model's layers are {known} (or 'input')."
       ) from None
     if len(layer._inbound_nodes) != 1:  # pylint: disable=protected-access
       raise ValueError(
@@ -49,7 +49,7 @@ def layer_outputs_model(model, names):
       )
     if not keras.backend.is_keras_tensor(layer.output):
       raise ValueError(
-          f"Layer {name!r} has several outputs; one tensor per layer " "is needed."
+          f"Layer {name!r} has several outputs; one tensor per layer is needed."
       )
     outputs.append(layer.output)
   return keras.Model(
@@ -126,7 +126,7 @@ class MarginTraining(TotalLossStep):
     """The logits and margin layers' outputs in one call (untracked by Keras)."""
     if INPUT in self.margin_layers and len(self.inputs) != 1:
       raise ValueError(
-          f"'input' is ambiguous for a model with {len(self.inputs)} " "inputs."
+          f"'input' is ambiguous for a model with {len(self.inputs)} inputs."
       )
     names = [name for name in self.margin_layers if name != INPUT]
     object.__setattr__(self, "_endpoints", layer_outputs_model(self, names))
@@ -185,7 +185,7 @@ class MarginTraining(TotalLossStep):
       )
     except ValueError as error:
       raise ValueError(
-          f"{error} layers_list is the margin_layers " f"{self.margin_layers}."
+          f"{error} layers_list is the margin_layers {self.margin_layers}."
       ) from error
 
     def reduce(values):

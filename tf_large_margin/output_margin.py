@@ -88,7 +88,7 @@ def _check_multiplicative_margin(m):
 def _check_variant(variant):
   if variant not in _HINGE_VARIANTS:
     raise ValueError(
-        f"Unknown hinge `variant`={variant!r}; expected one of " f"{_HINGE_VARIANTS}."
+        f"Unknown hinge `variant`={variant!r}; expected one of {_HINGE_VARIANTS}."
     )
   return variant
 
@@ -97,7 +97,7 @@ def _one_hot_like(y_true, scores):
   num_classes = scores.shape[-1]
   if num_classes is None:
     raise ValueError(
-        "The number of classes (last dimension of y_pred) must be " "statically known."
+        "The number of classes (last dimension of y_pred) must be statically known."
     )
   return to_one_hot(y_true, num_classes, len(scores.shape), dtype=scores.dtype)
 
