@@ -77,8 +77,7 @@ class LargeMarginLoss(keras.losses.Loss):
   ):
     super().__init__(name=name, reduction=reduction, dtype=dtype)
     margin.dual_norm(dist_norm)
-    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
-      raise ValueError(f"top_k must be an integer >= 1; got {top_k!r}.")
+    margin.check_top_k(top_k)
     if cross_entropy_weight < 0:
       raise ValueError(
           f"cross_entropy_weight must be >= 0; got {cross_entropy_weight}."

@@ -218,15 +218,18 @@ def aggregation_weights(per_example_loss, correct=None, aggregation="mean"):
   return tf.math.divide_no_nan(chosen * tf.cast(batch, chosen.dtype), size)
 
 
-def _check_hyperparameters(top_k, num_classes, dist_norm, num_layers, layers_weights):
-  """Validates the arguments shared by the margin functions; returns the weights."""
-  dual_norm(dist_norm)
+def check_top_k(top_k, num_classes=None):
+  """Raises ValueError unless ``top_k`` is an integer in [1, num_classes]."""
   if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)):
     raise ValueError(f"top_k must be an integer; got {top_k!r}.")
   if num_classes is not None and not 1 <= top_k <= num_classes:
     raise ValueError(f"top_k must be in [1, num_classes={num_classes}]; got {top_k}.")
   if top_k < 1:
     raise ValueError(f"top_k must be >= 1; got {top_k}.")
+
+
+def check_layers_weights(layers_weights, num_layers):
+  """The per-layer weights (default all 1), validated: one positive weight per layer."""
   if num_layers == 0:
     raise ValueError("layers_list is empty: give at least one layer tensor.")
   if layers_weights is None:
@@ -243,6 +246,13 @@ def _check_hyperparameters(top_k, num_classes, dist_norm, num_layers, layers_wei
           f"layers_weights must be positive; layers_weights[{i}] = {weight!r}."
       )
   return layers_weights
+
+
+def _check_hyperparameters(top_k, num_classes, dist_norm, num_layers, layers_weights):
+  """Validates the arguments shared by the margin functions; returns the weights."""
+  dual_norm(dist_norm)
+  check_top_k(top_k, num_classes)
+  return check_layers_weights(layers_weights, num_layers)
 
 
 def _check_logits_and_labels(logits, one_hot_labels):

@@ -114,7 +114,7 @@ class MarginTraining(TotalLossStep):
       raise ValueError("margin_layers is empty: name at least one layer or 'input'.")
     if layers_weights is not None and layers_weights != SIZE:
       layers_weights = [float(w) for w in layers_weights]
-      margin._check_hyperparameters(1, None, 2, len(margin_layers), layers_weights)  # pylint: disable=protected-access
+      margin.check_layers_weights(layers_weights, len(margin_layers))
     self.margin_layers = margin_layers
     self.layers_weights = layers_weights
     self._margin_tracker = keras.metrics.Mean(name="margin")
