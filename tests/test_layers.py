@@ -12,7 +12,13 @@ import tensorflow as tf  # noqa: E402
 from tf_large_margin import output_margin as om  # noqa: E402
 from tf_large_margin.layers import (  # noqa: E402
     CosineHead,
+    HeadOutputAccuracy,
+    HeadOutputLogits,
+    accuracy_metric,
+    head_output_accuracy,
     head_output_logits,
+    logits_model,
+    returns_head_output,
     split_head_output,
 )
 
@@ -195,3 +201,101 @@ def test_keras_file_round_trip(tmp_path, x, head_kwargs, loss):
   assert loaded.layers[-1].get_config() == model.layers[-1].get_config()
   assert type(loaded.loss) is type(loss)
   assert loaded.loss.get_config() == loss.get_config()
+
+
+# --------------------------------------------------------------------------
+# Accuracy, logits and models of [cos, scale] heads
+# --------------------------------------------------------------------------
+
+
+def _head_output_and_labels(seed=0, n=64):
+  """[cos, scale] with cosines in [-1, 1], positive scales and labels; the
+  argmax over all 2C columns is a scale column (never a class)."""
+  rng = np.random.default_rng(seed)
+  cos = rng.uniform(-1.0, 1.0, size=(n, C))
+  scale = rng.uniform(1.5, 3.0, size=(n, C))
+  labels = rng.integers(0, C, size=n)
+  return np.concatenate([cos, scale], 1).astype(np.float32), labels
+
+
+def test_head_output_accuracy_is_argmax_of_logits():
+  y_pred, labels = _head_output_and_labels()
+  correct = np.argmax(y_pred[:, :C] * y_pred[:, C:], axis=1) == labels
+  assert 0.1 < correct.mean() < 0.9
+  for y_true in (labels, labels[:, None], labels.astype(np.float32), np.eye(C)[labels]):
+    np.testing.assert_array_equal(head_output_accuracy(y_true, y_pred), correct)
+  metric = HeadOutputAccuracy()
+  assert metric.name == "accuracy"
+  metric.update_state(labels[:40], y_pred[:40])
+  metric.update_state(labels[40:], y_pred[40:])
+  assert float(metric.result()) == pytest.approx(correct.mean())
+  weights = np.random.default_rng(1).uniform(size=len(labels))
+  metric.reset_state()
+  metric.update_state(labels, y_pred, sample_weight=weights)
+  assert float(metric.result()) == pytest.approx(
+      np.sum(weights * correct) / np.sum(weights), rel=1e-6
+  )
+  # Keras' accuracy on the raw [cos, scale] output is not the accuracy.
+  plain = keras.metrics.SparseCategoricalAccuracy()
+  plain.update_state(labels, y_pred)
+  assert float(plain.result()) == 0.0
+
+
+def test_head_output_accuracy_serialization():
+  metric = HeadOutputAccuracy(name="acc")
+  serialized = keras.saving.serialize_keras_object(metric)
+  assert serialized["registered_name"] == "tf_large_margin>HeadOutputAccuracy"
+  restored = keras.saving.deserialize_keras_object(serialized)
+  assert isinstance(restored, HeadOutputAccuracy) and restored.name == "acc"
+  y_pred, labels = _head_output_and_labels()
+  restored.update_state(labels, y_pred)
+  assert float(restored.result()) == pytest.approx(
+      float(np.mean(head_output_accuracy(labels, y_pred)))
+  )
+
+
+def _head_model(return_norms):
+  keras.utils.set_random_seed(0)
+  inputs = keras.Input((D,))
+  hidden = keras.layers.Dense(6, activation="tanh")(inputs)
+  head = CosineHead(C, normalize_features=False, return_norms=return_norms, name="head")
+  return keras.Model(inputs, head(hidden))
+
+
+def test_logits_model_and_accuracy_metric(x):
+  plain = _head_model(return_norms=False)
+  assert not returns_head_output(plain)
+  assert logits_model(plain) is plain
+  assert accuracy_metric(plain) == "accuracy"
+  model = _head_model(return_norms=True)
+  assert returns_head_output(model)
+  assert isinstance(accuracy_metric(model), HeadOutputAccuracy)
+  logits = logits_model(model)
+  assert tuple(logits.output.shape) == (None, C)
+  np.testing.assert_allclose(logits(x), head_output_logits(model(x)), rtol=1e-6)
+  # The same layers: the logits follow the trained weights.
+  assert logits.layers[-2] is model.layers[-1]
+  plain.set_weights(model.get_weights())
+  np.testing.assert_allclose(logits(x), plain(x), rtol=1e-5, atol=1e-6)
+  assert HeadOutputLogits().compute_output_shape((None, 2 * C)) == (None, C)
+
+
+def test_compiled_head_output_accuracy_trains_and_round_trips(tmp_path, x):
+  model = _head_model(return_norms=True)
+  labels = np.arange(len(x)) % C
+  model.compile(
+      keras.optimizers.Adam(1e-2),
+      loss=om.SphereFace(m=2),
+      metrics=[accuracy_metric(model)],
+  )
+  history = model.fit(x, labels, epochs=3, verbose=0).history
+  assert set(history) == {"loss", "accuracy"}
+  expected = np.mean(np.argmax(logits_model(model)(x), axis=1) == labels)
+  result = model.evaluate(x, labels, verbose=0, return_dict=True)
+  assert result["accuracy"] == pytest.approx(expected)
+  model.save(tmp_path / "model.keras")
+  loaded = keras.saving.load_model(tmp_path / "model.keras")
+  assert loaded.evaluate(x, labels, verbose=0, return_dict=True)[
+      "accuracy"
+  ] == pytest.approx(expected)
+  np.testing.assert_allclose(logits_model(loaded)(x), logits_model(model)(x), rtol=1e-6)

@@ -513,3 +513,30 @@ def test_hinge_with_cross_entropy_weight():
   assert restored.cross_entropy_weight == 0.3
   with pytest.raises(ValueError, match="cross_entropy_weight"):
     om.MulticlassHinge(cross_entropy_weight=-1.0)
+
+
+@pytest.mark.parametrize(
+    "loss, reference",
+    [
+        # Bias-free logits each loss reduces to without its margin, from the
+        # head it asks for: features x, kernel w.
+        (om.AMSoftmax(margin=0.0, scale=1.0), "cos"),
+        (om.ArcFace(margin=0.0, scale=1.0), "cos"),
+        (om.LSoftmax(m=1), "dense"),
+        (om.SphereFace(m=1), "unit_weights"),
+    ],
+)
+def test_head_config_is_the_head_the_loss_expects(rng, labels, loss, reference):
+  x = rng.normal(size=(N, 6)).astype(np.float32)
+  head = CosineHead(C, **type(loss).head_config)
+  y_pred = head(x)
+  w = head.kernel.numpy().astype(np.float64)
+  xd = x.astype(np.float64)
+  logits = {
+      "cos": (xd / np.linalg.norm(xd, axis=1, keepdims=True))
+      @ (w / np.linalg.norm(w, axis=0)),
+      "dense": xd @ w,
+      "unit_weights": xd @ (w / np.linalg.norm(w, axis=0)),
+  }[reference]
+  expected = [np_xent(logits[i], labels[i]) for i in range(N)]
+  np.testing.assert_allclose(loss.call(labels, y_pred), expected, rtol=1e-4)

@@ -27,12 +27,19 @@ Output conventions (``C = units``):
   accuracy or `argmax` at inference time).
 
 In every case ``cos(theta_j)`` is clipped to ``[-1, 1]``.
+
+For models ending in a ``return_norms=True`` head, compile with
+`HeadOutputAccuracy` (Keras' ``"accuracy"`` would take the argmax over all 2C
+columns) and give attacks and margin estimates `logits_model(model)`, which
+returns the logits ``cos * scale``.
 """
 
 import numbers
 
 import keras
 from keras import ops
+
+from tf_large_margin.labels import to_one_hot
 
 # Added to squared norms before the square root, so that the gradient of the
 # norm stays finite at the zero vector (same role as in `tf.math.l2_normalize`).
@@ -78,6 +85,61 @@ def head_output_logits(y_pred):
   """Ordinary logits `scale_j * cos(theta_j)` from a `return_norms=True` output."""
   cos, scale = split_head_output(y_pred)
   return cos * scale
+
+
+def head_output_accuracy(y_true, y_pred):
+  """Per-example accuracy (0 or 1) of a `CosineHead(return_norms=True)` output.
+
+  The prediction is the argmax of `head_output_logits(y_pred)` (ties: the first
+  class, as `keras.metrics.sparse_categorical_accuracy`).
+
+  Args:
+      y_true: Integer labels `(N,)`/`(N, 1)` or one-hot labels `(N, C)`.
+      y_pred: `concat([cos, scale])` of shape `(N, 2C)`.
+
+  Returns:
+      A float tensor of shape `(N,)`.
+  """
+  logits = head_output_logits(y_pred)
+  num_classes = logits.shape[-1]
+  one_hot = to_one_hot(y_true, num_classes, len(logits.shape), dtype=logits.dtype)
+  predicted = ops.one_hot(ops.argmax(logits, axis=-1), num_classes, dtype=logits.dtype)
+  return ops.sum(one_hot * predicted, axis=-1)
+
+
+@keras.saving.register_keras_serializable(package="tf_large_margin")
+class HeadOutputAccuracy(keras.metrics.MeanMetricWrapper):
+  """Accuracy of a model ending in `CosineHead(return_norms=True)`.
+
+  Keras' `"accuracy"` on such a model's `(N, 2C)` output `concat([cos, scale])`
+  would take the argmax over cosines and scales together; this metric compares
+  the labels with the argmax of the logits `scale * cos`
+  (`head_output_accuracy`). Its default name is `"accuracy"`, so the logs keep
+  the keys `accuracy` / `val_accuracy`.
+
+  Args:
+      name: Metric name. Default `"accuracy"`.
+      dtype: Metric dtype.
+
+  Example:
+
+  ```python
+  head = CosineHead(10, normalize_features=False, return_norms=True)
+  model = keras.Sequential([keras.Input((32,)), head])
+  model.compile("adam", loss=SphereFace(m=4), metrics=[HeadOutputAccuracy()])
+  ```
+  """
+
+  def __init__(self, name="accuracy", dtype=None):
+    super().__init__(fn=head_output_accuracy, name=name, dtype=dtype)
+    self._direction = "up"
+
+  def get_config(self):
+    return {"name": self.name, "dtype": self.dtype}
+
+  @classmethod
+  def from_config(cls, config):
+    return cls(**config)
 
 
 @keras.saving.register_keras_serializable(package="tf_large_margin")
@@ -212,3 +274,52 @@ class CosineHead(keras.layers.Layer):
         }
     )
     return config
+
+
+@keras.saving.register_keras_serializable(package="tf_large_margin")
+class HeadOutputLogits(keras.layers.Layer):
+  """`head_output_logits` as a layer: `(..., 2C)` `[cos, scale]` -> `(..., C)` logits."""
+
+  def call(self, inputs):
+    return head_output_logits(inputs)
+
+  def compute_output_shape(self, input_shape):
+    return tuple(input_shape[:-1]) + (input_shape[-1] // 2,)
+
+
+def returns_head_output(model):
+  """True if `model` ends in a `CosineHead(return_norms=True)`, i.e. returns
+  `concat([cos, scale])` (2C columns) instead of logits."""
+  layers = getattr(model, "layers", None)
+  return bool(layers) and isinstance(layers[-1], CosineHead) and layers[-1].return_norms
+
+
+def accuracy_metric(model):
+  """The accuracy metric to compile `model` with, logged as `"accuracy"`:
+  `HeadOutputAccuracy()` if it ends in a `CosineHead(return_norms=True)`,
+  Keras' `"accuracy"` otherwise."""
+  return HeadOutputAccuracy() if returns_head_output(model) else "accuracy"
+
+
+def logits_model(model):
+  """A model returning logits: `model` itself, or, if it ends in a
+  `CosineHead(return_norms=True)`, a functional model sharing its layers whose
+  output is `head_output_logits` of `model`'s output.
+
+  Attacks (`tf_large_margin.attacks`), margin estimates
+  (`tf_large_margin.margins`) and `argmax` predictions need the logits; models
+  trained with `LSoftmax` / `SphereFace` return `[cos, scale]`.
+
+  Args:
+      model: A Keras model with one output (functional or Sequential when it
+          ends in such a head).
+
+  Returns:
+      A Keras model.
+  """
+  if not returns_head_output(model):
+    return model
+  logits = HeadOutputLogits(name=f"{model.layers[-1].name}_logits")(model.outputs[0])
+  # One input as a tensor, not a list of one: the model is called with a tensor.
+  inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
+  return keras.Model(inputs, logits, name=f"{model.name}_logits")

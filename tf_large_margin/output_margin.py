@@ -21,6 +21,10 @@ the factor `scale_j` such that the ordinary logit is `z_j = scale_j *
 cos(theta_j)`. Use `tf_large_margin.layers.head_output_logits` to get `z`
 (e.g. for accuracy / `argmax`).
 
+Each loss class has a class attribute `head_config`: the `CosineHead`
+arguments (besides `units`) of the head whose output it expects, so a model can
+be built as `CosineHead(num_classes, **loss.head_config)`.
+
 Labels (`y_true`) may be integer class ids of shape `(N,)` or `(N, 1)` or
 one-hot vectors of shape `(N, C)`; integer labels given as floats (as Keras
 does when it casts `y_true` to the loss dtype) are accepted. Labels must be
@@ -309,6 +313,8 @@ class AMSoftmax(keras.losses.Loss):
   ```
   """
 
+  head_config = {}  # CosineHead(C): cos(theta)
+
   def __init__(
       self,
       margin=0.35,
@@ -427,6 +433,8 @@ class ArcFace(keras.losses.Loss):
   model.compile(optimizer="adam", loss=ArcFace(margin=0.5, scale=64.0))
   ```
   """
+
+  head_config = {}  # CosineHead(C): cos(theta)
 
   def __init__(
       self,
@@ -598,6 +606,12 @@ class LSoftmax(keras.losses.Loss):
   ```
   """
 
+  head_config = {
+      "normalize_features": False,
+      "normalize_weights": False,
+      "return_norms": True,
+  }
+
   def __init__(
       self,
       m=2,
@@ -647,6 +661,8 @@ class SphereFace(LSoftmax):
   model.compile(optimizer="adam", loss=SphereFace(m=4))
   ```
   """
+
+  head_config = {"normalize_features": False, "return_norms": True}
 
   def __init__(
       self,
