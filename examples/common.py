@@ -9,7 +9,10 @@ continues, when started again with the same flags, from its last completed loop.
 
 Outputs in ``--model_dir``: ``results.json`` (flags, clean test accuracy, per-loop
 history), ``model.keras`` (final model), ``history.csv``, ``tensorboard/`` and, with
-a validation split, ``best.weights.h5`` (best validation accuracy).
+a validation split, ``best.weights.h5`` (best validation accuracy). Under
+--loss=lsoftmax|sphereface the model returns [cos, scale] (2C columns):
+`tf_large_margin.layers.logits_model` gives its logits (examples/evaluate.py
+applies it).
 """
 
 import csv
@@ -63,11 +66,20 @@ flags.DEFINE_integer(
 flags.DEFINE_enum(
     "loss",
     "margin",
-    ["xent", "hinge", "margin", "jacobian", "amsoftmax", "arcface"],
+    [
+        "xent",
+        "hinge",
+        "margin",
+        "jacobian",
+        "amsoftmax",
+        "arcface",
+        "lsoftmax",
+        "sphereface",
+    ],
     "Training loss: cross-entropy, Crammer-Singer hinge (+ --xent_weight "
     "xent), Eq. 10 margin, hinge + Jacobian regulariser (Sokolic et al.), "
-    "AM-Softmax/CosFace or ArcFace on a CosineHead replacing the logits "
-    "layer.",
+    "or AM-Softmax/CosFace, ArcFace, L-Softmax, A-Softmax/SphereFace on a "
+    "CosineHead replacing the logits layer.",
 )
 flags.DEFINE_float(
     "jacobian_weight", 0.1, "--loss=jacobian: regulariser weight lambda."
@@ -82,6 +94,13 @@ flags.DEFINE_float(
     "cosine_margin", None, "--loss=amsoftmax|arcface: margin m (default 0.35 / 0.5)."
 )
 flags.DEFINE_float("cosine_scale", 30.0, "--loss=amsoftmax|arcface: scale s.")
+flags.DEFINE_integer(
+    "multiplicative_margin",
+    None,
+    "--loss=lsoftmax|sphereface: integer angular margin m >= 1, the target "
+    "logit uses cos(m theta) (1: plain softmax; default: the library's, 2 for "
+    "L-Softmax, 4 for SphereFace).",
+)
 flags.DEFINE_float("gamma", 1e4, "Margin gamma, in the units of the margin layers.")
 flags.DEFINE_float(
     "alpha_factor", 4.0, "Distances are clipped below at gamma * (1 - alpha_factor)."
@@ -312,7 +331,17 @@ def numpy_pipelines(splits, augment=None):
 # ---------------------------------------------------------------------------
 
 
-COSINE_LOSSES = {"amsoftmax": tlm.AMSoftmax, "arcface": tlm.ArcFace}
+# The losses on a CosineHead (configured by the loss's `head_config`) that
+# replaces the logits layer: --loss -> (loss class, {loss argument: flag}); a
+# flag left at None gives the library's default.
+_COSINE_FLAGS = {"margin": "cosine_margin", "scale": "cosine_scale"}
+_MULTIPLICATIVE_FLAGS = {"m": "multiplicative_margin"}
+COSINE_LOSSES = {
+    "amsoftmax": (tlm.AMSoftmax, _COSINE_FLAGS),
+    "arcface": (tlm.ArcFace, _COSINE_FLAGS),
+    "lsoftmax": (tlm.LSoftmax, _MULTIPLICATIVE_FLAGS),
+    "sphereface": (tlm.SphereFace, _MULTIPLICATIVE_FLAGS),
+}
 
 
 def make_loss():
@@ -322,9 +351,9 @@ def make_loss():
   if FLAGS.loss in ("hinge", "jacobian"):
     return tlm.MulticlassHinge(cross_entropy_weight=FLAGS.xent_weight)
   if FLAGS.loss in COSINE_LOSSES:
-    loss = COSINE_LOSSES[FLAGS.loss]
-    margin = {} if FLAGS.cosine_margin is None else dict(margin=FLAGS.cosine_margin)
-    return loss(scale=FLAGS.cosine_scale, **margin)
+    loss, arguments = COSINE_LOSSES[FLAGS.loss]
+    values = {name: FLAGS[flag].value for name, flag in arguments.items()}
+    return loss(**{name: v for name, v in values.items() if v is not None})
   dist_norm = np.inf if FLAGS.dist_norm == "inf" else int(FLAGS.dist_norm)
   return tlm.LargeMarginLoss(
       gamma=FLAGS.gamma,
@@ -377,7 +406,8 @@ def margin_layer_names(all_layers):
 def wrap_network(network, all_margin_layers):
   """The model --loss trains: a MarginModel around ``network`` (logits output), a
   JacobianModel (features = the input of the last layer), or, for the cosine
-  losses, a MarginModel whose last layer is replaced by a `CosineHead`."""
+  losses, a MarginModel whose last layer is replaced by the `CosineHead` the loss
+  expects (for L-Softmax / SphereFace its output is [cos, scale], 2C columns)."""
   if FLAGS.loss == "jacobian":
     return tlm.JacobianModel(
         network.inputs,
@@ -389,7 +419,10 @@ def wrap_network(network, all_margin_layers):
     )
   if FLAGS.loss in COSINE_LOSSES:
     head = network.layers[-1]
-    outputs = tlm.CosineHead(head.units, name=f"{head.name}_cosine")(head.input)
+    loss = COSINE_LOSSES[FLAGS.loss][0]
+    outputs = tlm.CosineHead(
+        head.units, name=f"{head.name}_cosine", **loss.head_config
+    )(head.input)
     network = keras.Model(network.inputs, outputs, name=network.name)
   return tlm.MarginModel.from_model(
       network,
@@ -404,7 +437,11 @@ def compile_model(network, all_margin_layers, train_steps):
   model = wrap_network(network, all_margin_layers)
   if FLAGS.weight_decay:
     apply_weight_decay(model, FLAGS.weight_decay)
-  model.compile(make_optimizer(train_steps), loss=make_loss(), metrics=["accuracy"])
+  model.compile(
+      make_optimizer(train_steps),
+      loss=make_loss(),
+      metrics=[tlm.layers.accuracy_metric(model)],
+  )
   return model
 
 

@@ -12,7 +12,10 @@ DeepFool l2) and `comparison.json` to --out_dir.
 
 Methods: weight decay (xent + weight decay), hinge (Crammer-Singer + weight
 decay), jacobian (hinge + Jacobian regulariser, Sokolic et al. Eq. 26), margin
-(Eq. 10 at the input, l2, + xent), amsoftmax, arcface (normalised head).
+(Eq. 10 at the input, l2, + xent), amsoftmax, arcface, lsoftmax (m = 2),
+sphereface (m = 4) (on the `CosineHead` each loss expects; all with weight decay).
+Accuracy and margins of lsoftmax / sphereface are those of their logits
+cos * scale (`tf_large_margin.layers`).
 """
 
 import json
@@ -30,7 +33,16 @@ from tf_large_margin import datasets
 from tf_large_margin import margins
 from tf_large_margin import regularizers
 
-METHODS = ("weight_decay", "hinge", "jacobian", "margin", "amsoftmax", "arcface")
+METHODS = (
+    "weight_decay",
+    "hinge",
+    "jacobian",
+    "margin",
+    "amsoftmax",
+    "arcface",
+    "lsoftmax",
+    "sphereface",
+)
 
 flags.DEFINE_string("data_source", None, "MNIST source (default: the embedded sample).")
 flags.DEFINE_list(
@@ -52,8 +64,9 @@ flags.DEFINE_string("out_dir", "/tmp/tf_large_margin_comparison", "Output direct
 FLAGS = flags.FLAGS
 
 
-def sokolic_cnn(cosine_head):
-  """The CNN of Sokolic et al.; the classifier is linear or a `CosineHead`."""
+def sokolic_cnn(head_config=None):
+  """The CNN of Sokolic et al.; the classifier is linear or, given its arguments
+  ``head_config``, a `CosineHead`."""
   inputs = keras.Input((28, 28, 1), name="image")
   h = inputs
   for i in range(2):
@@ -63,9 +76,9 @@ def sokolic_cnn(cosine_head):
     h = keras.layers.MaxPooling2D(2)(h)
   features = keras.layers.Flatten(name="features")(h)
   head = (
-      tlm.CosineHead(10, name="head")
-      if cosine_head
-      else keras.layers.Dense(10, name="head")
+      keras.layers.Dense(10, name="head")
+      if head_config is None
+      else tlm.CosineHead(10, name="head", **head_config)
   )
   return inputs, head(features)
 
@@ -73,8 +86,20 @@ def sokolic_cnn(cosine_head):
 def build(method):
   """The compiled model of one method."""
   keras.utils.set_random_seed(FLAGS.seed)
-  inputs, outputs = sokolic_cnn(cosine_head=method in ("amsoftmax", "arcface"))
   hinge = tlm.MulticlassHinge("crammer_singer", margin=1.0)
+  loss = {
+      "weight_decay": keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+      "hinge": hinge,
+      "jacobian": hinge,
+      "margin": tlm.LargeMarginLoss(
+          gamma=FLAGS.gamma, dist_norm=2, cross_entropy_weight=1.0
+      ),
+      "amsoftmax": tlm.AMSoftmax(margin=0.35, scale=30.0),
+      "arcface": tlm.ArcFace(margin=0.5, scale=30.0),
+      "lsoftmax": tlm.LSoftmax(m=2),
+      "sphereface": tlm.SphereFace(m=4),
+  }[method]
+  inputs, outputs = sokolic_cnn(getattr(loss, "head_config", None))
   if method == "jacobian":
     model = tlm.JacobianModel(
         inputs,
@@ -85,21 +110,11 @@ def build(method):
     )
   else:
     model = tlm.MarginModel(inputs, outputs, margin_layers=["input"])
-  loss = {
-      "weight_decay": keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-      "hinge": hinge,
-      "jacobian": hinge,
-      "margin": tlm.LargeMarginLoss(
-          gamma=FLAGS.gamma, dist_norm=2, cross_entropy_weight=1.0
-      ),
-      "amsoftmax": tlm.AMSoftmax(margin=0.35, scale=30.0),
-      "arcface": tlm.ArcFace(margin=0.5, scale=30.0),
-  }[method]
   regularizers.apply_weight_decay(model, FLAGS.weight_decay)
   model.compile(
       keras.optimizers.Adam(FLAGS.learning_rate),
       loss=loss,
-      metrics=["sparse_categorical_accuracy"],
+      metrics=[tlm.layers.accuracy_metric(model)],
   )
   return model
 
@@ -129,11 +144,11 @@ def run(method, train, x_test, y_test):
   )
   seconds = time.time() - start
   test = datasets.make_tf_dataset(x_test, y_test, 500, training=False)
-  accuracy = model.evaluate(test, verbose=0, return_dict=True)[
-      "sparse_categorical_accuracy"
-  ]
+  accuracy = model.evaluate(test, verbose=0, return_dict=True)["accuracy"]
   x_margin = x_test[: FLAGS.num_margin].astype("float32") / 255.0
-  first_order, deepfool = input_margins(model, x_margin, y_test[: FLAGS.num_margin])
+  first_order, deepfool = input_margins(
+      tlm.layers.logits_model(model), x_margin, y_test[: FLAGS.num_margin]
+  )
   return dict(
       method=method,
       accuracy=float(accuracy),

@@ -1,7 +1,9 @@
 r"""Robustness and margins of trained models: eval.json and PNG plots.
 
-For each model given with ``--model`` (Keras ``.keras`` files returning logits), on
-the first ``--num_examples`` test examples:
+For each model given with ``--model`` (Keras ``.keras`` files returning logits, or
+ending in ``CosineHead(return_norms=True)`` as the L-Softmax / SphereFace models of
+the examples: their logits cos * scale are evaluated), on the first
+``--num_examples`` test examples:
 
 * clean accuracy;
 * white-box accuracy under FGSM and iterative FGSM over the ``--epsilons`` grid;
@@ -38,6 +40,7 @@ import tf_large_margin  # pylint: disable=unused-import  (registers the custom o
 from tf_large_margin import adversarial  # pylint: disable=unused-import
 from tf_large_margin import attacks
 from tf_large_margin import datasets
+from tf_large_margin import layers
 from tf_large_margin import margins
 
 matplotlib.use("Agg")
@@ -116,9 +119,10 @@ def model_name(path):
 
 
 def load_model(path):
+  """The saved model, returning logits (`layers.logits_model`)."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"No model file {path}")
-  return keras.models.load_model(path, compile=False)
+  return layers.logits_model(keras.models.load_model(path, compile=False))
 
 
 def test_dataset():

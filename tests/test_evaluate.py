@@ -168,3 +168,71 @@ def test_missing_model_file(tmp_path):
       check=False,
   )
   assert run.returncode != 0 and "No model file" in run.stderr
+
+
+def test_model_with_cos_scale_head(tmp_path):
+  """A saved L-Softmax model (output [cos, scale], 2C columns) is evaluated on its
+  logits cos * scale: accuracy, attacks and margins equal the library's on
+  `layers.logits_model` of the model."""
+  keras.utils.set_random_seed(0)
+  x, y, x_test, y_test = datasets.load_dataset("mnist")
+  # m = 1 (plain softmax on the head's logits), so that the model learns: with
+  # m = 2 and no annealing this network's features collapse to zero (README).
+  loss = tlm.LSoftmax(m=1)
+  inputs = keras.Input((28, 28, 1))
+  h = keras.layers.Dense(16, activation="relu", name="fc0")(
+      keras.layers.Flatten()(inputs)
+  )
+  model = tlm.MarginModel(
+      inputs, tlm.CosineHead(10, **loss.head_config)(h), margin_layers=["input"]
+  )
+  model.compile(
+      keras.optimizers.Adam(1e-3),
+      loss=loss,
+      metrics=[tlm.layers.accuracy_metric(model)],
+  )
+  model.fit(x[:1000] / 255.0, y[:1000], batch_size=50, epochs=1, verbose=0)
+  model.save(tmp_path / "lsoftmax.keras")
+  output = tmp_path / "out"
+  run = subprocess.run(
+      [
+          sys.executable,
+          SCRIPT,
+          f"--model={tmp_path / 'lsoftmax.keras'}",
+          "--data_source=embedded",
+          f"--num_examples={NUM_EXAMPLES}",
+          f"--batch_size={BATCH_SIZE}",
+          "--epsilons=0.1",
+          "--sigmas=0",
+          "--ifgsm_steps=2",
+          "--deepfool_steps=10",
+          f"--output_dir={output}",
+      ],
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=False,
+  )
+  assert run.returncode == 0, run.stderr[-3000:]
+  with open(output / "eval.json", encoding="utf-8") as f:
+    result = json.load(f)["models"]["lsoftmax"]
+  x_eval = x_test[:NUM_EXAMPLES] / 255.0
+  logits = tlm.layers.head_output_logits(model.predict(x_eval, verbose=0))
+  clean = np.mean(np.argmax(logits, axis=1) == y_test[:NUM_EXAMPLES])
+  assert 0.3 < clean < 1.0
+  assert result["clean_accuracy"] == pytest.approx(clean)
+  logits_model = tlm.layers.logits_model(model)
+  dataset = datasets.make_tf_dataset(
+      x_test[:NUM_EXAMPLES], y_test[:NUM_EXAMPLES], BATCH_SIZE, training=False
+  )
+  assert result["white_box"]["fgsm"]["0.1"] == pytest.approx(
+      attacks.robust_accuracy(logits_model, dataset, "fgsm", epsilon=0.1)
+  )
+  summary = margins.summarize_margins(
+      margins.dataset_margins(logits_model, dataset, ["input"], deepfool_steps=10)
+  )
+  for name in ("input", "deepfool"):
+    assert np.isfinite(result["margins"][name]["median"])
+    assert result["margins"][name]["median"] == pytest.approx(
+        summary[name]["median"], rel=1e-5
+    )

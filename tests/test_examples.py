@@ -18,6 +18,7 @@ import pytest
 # Register the classes saved models refer to.
 import tf_large_margin as tlm
 import tf_large_margin.optimizers  # pylint: disable=unused-import
+from tf_large_margin import datasets
 
 EXAMPLES = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"
@@ -128,6 +129,8 @@ def test_mnist_margin_with_validation_noise_and_subset(tmp_path):
         ("jacobian", "MulticlassHinge"),
         ("amsoftmax", "AMSoftmax"),
         ("arcface", "ArcFace"),
+        ("lsoftmax", "LSoftmax"),
+        ("sphereface", "SphereFace"),
     ],
 )
 def test_mnist_other_losses(tmp_path, loss, expected):
@@ -140,8 +143,71 @@ def test_mnist_other_losses(tmp_path, loss, expected):
   model = keras.saving.load_model(tmp_path / "model.keras")
   if loss == "jacobian":
     assert isinstance(model, tlm.JacobianModel) and model.feature_layer == "fc0"
-  if loss in ("amsoftmax", "arcface"):
-    assert isinstance(model.layers[-1], tlm.CosineHead)
+  if loss in ("amsoftmax", "arcface", "lsoftmax", "sphereface"):
+    head = model.layers[-1]
+    assert isinstance(head, tlm.CosineHead)
+    config = head.get_config()
+    assert {k: config[k] for k in type(model.loss).head_config} == (
+        type(model.loss).head_config
+    )
+    assert tlm.layers.returns_head_output(model) == (loss in ("lsoftmax", "sphereface"))
+
+
+def test_mnist_test_accuracy_of_lsoftmax_and_sphereface_heads(tmp_path):
+  """The logged and test accuracies of a [cos, scale] head are those of the logits
+  cos * scale (not of the argmax over the 2C columns), and --multiplicative_margin
+  reaches the loss."""
+  for loss, m in (("lsoftmax", 2), ("sphereface", 3)):
+    model_dir = tmp_path / loss
+    results, stdout = run_example(
+        "mnist.py",
+        model_dir,
+        "--train_steps=6",
+        "--steps_per_loop=3",
+        "--batch_size=32",
+        "--verbose=2",
+        f"--loss={loss}",
+        *([f"--multiplicative_margin={m}"] if loss == "sphereface" else []),
+    )
+    check_common_results(results, stdout, model_dir, steps=(3, 6))
+    model = keras.saving.load_model(model_dir / "model.keras")
+    assert model.loss.m == m
+    _, _, x_test, y_test = datasets.load_dataset("mnist")
+    test = datasets.make_tf_dataset(x_test, y_test, 500, training=False)
+    output = model.predict(test, verbose=0)
+    assert output.shape == (len(y_test), 20)
+    logits = tlm.layers.head_output_logits(output).numpy()
+    accuracy = np.mean(np.argmax(logits, axis=1) == y_test)
+    assert results["test_accuracy"] == pytest.approx(accuracy, abs=1e-6)
+    # Keras' "accuracy" on [cos, scale] would be another number (about 0: the
+    # scale columns, not classes, are usually the largest).
+    assert np.mean(np.argmax(output, axis=1) == y_test) != pytest.approx(accuracy)
+    np.testing.assert_allclose(
+        tlm.layers.logits_model(model).predict(test, verbose=0), logits, rtol=1e-6
+    )
+
+
+def test_compare_methods_with_lsoftmax_and_sphereface(tmp_path):
+  process = run(
+      [
+          os.path.join(EXAMPLES, "compare_methods.py"),
+          f"--out_dir={tmp_path}",
+          "--train_sizes=200",
+          "--methods=weight_decay,lsoftmax,sphereface",
+          "--train_steps=6",
+          "--batch_size=32",
+          "--num_test=200",
+          "--num_margin=20",
+      ]
+  )
+  with open(tmp_path / "comparison.json", encoding="utf-8") as f:
+    rows = json.load(f)["rows"]
+  assert [row["method"] for row in rows] == ["weight_decay", "lsoftmax", "sphereface"]
+  for row in rows:
+    assert 0.0 <= row["accuracy"] <= 1.0
+    assert {"first_order_l2", "deepfool_l2", "train_seconds"} <= row.keys()
+  assert rows[0]["accuracy"] > 0.2 and 0 < rows[0]["deepfool_l2"] < np.inf
+  assert "| 200 | sphereface |" in process.stdout
 
 
 def test_mnist_original_config_and_overrides(tmp_path):
