@@ -6,17 +6,14 @@ r"""Trains the paper's MNIST CNN with the large-margin loss (or a baseline).
 
 --config picks a set of defaults (flags given on the command line win):
 
-* default: reaches >= 98.5 % clean test accuracy on the full MNIST in 1500 steps
-  for --loss=margin (98.76 %) and --loss=xent (98.96 %); see
-  examples/REPRODUCTION.md. It differs from the original in: Adam (lr 1e-3, same
-  x0.96 / 2000 steps decay and clipping) instead of TF1 RMSProp with lr 0.1; the
-  margin loss plus the cross-entropy (--xent_weight=1, as the paper's margin
-  models were trained) instead of the margin alone; no weight decay; no "size"
-  layer weights; 1500 steps instead of 200 epochs. Why: the original settings
-  need the long schedule (here 11 % after 1500 steps, the issue's port 81.8 %;
-  with Keras' RMSProp semantics instead of TF1's they collapse to chance), and
-  the margin alone with Adam stayed near chance (19 % after 300 steps) while
-  margin + cross-entropy trains like xent.
+* default: the original configuration (below) with learning rate 0.01 instead of
+  0.1, for 1500 steps instead of 200 epochs. Margin loss alone, no cross-entropy.
+  On the full MNIST in 1500 steps: 98.87 % clean test accuracy with --loss=margin
+  and 99.11 % with --loss=xent (see examples/REPRODUCTION.md). Why 0.01: at 0.1
+  the margin run collapses to chance here (11.35 % after 1500 steps; also in an
+  independent straightforward port of the loss, and with Keras' RMSprop): the
+  loss grows and most examples fall below the loss's lower clip
+  gamma * (1 - alpha_factor), where they give no gradient.
 * original: the original code's MNIST configuration: TF1 RMSProp (lr 0.1, epsilon
   1e-2, no momentum) decayed x0.96 every 2000 steps, gradient-norm clipping 5,
   weight decay 5e-4 over all trainable variables, batch 256, 200 epochs, linf
@@ -68,17 +65,7 @@ ORIGINAL = dict(
 
 CONFIGS = {
     "original": ORIGINAL,
-    "default": dict(
-        ORIGINAL,
-        layers_weights="none",
-        xent_weight=1.0,
-        optimizer="adam",
-        learning_rate=1e-3,
-        optimizer_epsilon=1e-7,
-        weight_decay=0.0,
-        epochs=0,
-        train_steps=1500,
-    ),
+    "default": dict(ORIGINAL, learning_rate=0.01, epochs=0, train_steps=1500),
 }
 
 

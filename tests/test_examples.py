@@ -108,6 +108,16 @@ def test_mnist_margin_with_validation_noise_and_subset(tmp_path):
   assert results["flags"]["gamma"] == 0.5
   assert results["flags"]["margin_layers"] == ["input", "conv1"]
   assert results["num_replicas"] == 1
+  # The default configuration: the original one with learning rate 0.01.
+  flags = results["flags"]
+  assert (
+      flags["optimizer"],
+      flags["learning_rate"],
+      flags["weight_decay"],
+      flags["layers_weights"],
+      flags["xent_weight"],
+      flags["clip_norm"],
+  ) == ("rmsprop_tf1", 0.01, 5e-4, "size", 0.0, 5.0)
   history = results["history"]
   assert {"loss", "margin", "xent", "accuracy", "val_accuracy"} <= history[0].keys()
   best = max(history, key=lambda row: row["val_accuracy"])
