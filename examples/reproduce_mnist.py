@@ -106,8 +106,13 @@ def run(name, steps, *extra_flags):
         f"--batch_size={FLAGS.batch_size}",
         f"--num_validation={FLAGS.num_validation}",
         f"--learning_rate={FLAGS.learning_rate}",
+        # Everything the sweep does not vary is set here, not left to mnist.py's
+        # defaults (which are the original configuration's).
         "--optimizer=adam",
+        "--optimizer_epsilon=1e-7",
         "--lr_schedule=constant",
+        "--weight_decay=0",
+        "--layers_weights=none",
         "--verbose=2",
         *extra_flags,
     ]

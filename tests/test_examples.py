@@ -166,7 +166,7 @@ def test_mnist_other_losses(tmp_path, loss, expected):
 def test_mnist_test_accuracy_of_lsoftmax_and_sphereface_heads(tmp_path):
   """The logged and test accuracies of a [cos, scale] head are those of the logits
   cos * scale (not of the argmax over the 2C columns), and --multiplicative_margin
-  reaches the loss."""
+  and the --lambda_* annealing flags reach the loss."""
   for loss, m in (("lsoftmax", 2), ("sphereface", 3)):
     model_dir = tmp_path / loss
     results, stdout = run_example(
@@ -177,11 +177,28 @@ def test_mnist_test_accuracy_of_lsoftmax_and_sphereface_heads(tmp_path):
         "--batch_size=32",
         "--verbose=2",
         f"--loss={loss}",
-        *([f"--multiplicative_margin={m}"] if loss == "sphereface" else []),
+        *(
+            [f"--multiplicative_margin={m}", "--lambda_gamma=0.5", "--lambda_min=0"]
+            if loss == "sphereface"
+            else []
+        ),
     )
     check_common_results(results, stdout, model_dir, steps=(3, 6))
     model = keras.saving.load_model(model_dir / "model.keras")
     assert model.loss.m == m
+    # Annealed (LambdaDecay from the flags, SphereFace's by default), advanced
+    # during training: the history has the lambda of each loop's last step.
+    base, gamma, power, lambda_min = (
+        (1000.0, 0.12, 1.0, 5.0) if loss == "lsoftmax" else (1000.0, 0.5, 1.0, 0.0)
+    )
+    assert model.loss.lambda_.get_config() == dict(
+        base=base, gamma=gamma, power=power, lambda_min=lambda_min
+    )
+    np.testing.assert_allclose(
+        [row["lambda"] for row in results["history"]],
+        [max(lambda_min, base / (1 + gamma * step) ** power) for step in (2, 5)],
+        rtol=1e-5,
+    )
     _, _, x_test, y_test = datasets.load_dataset("mnist")
     test = datasets.make_tf_dataset(x_test, y_test, 500, training=False)
     output = model.predict(test, verbose=0)
@@ -213,6 +230,14 @@ def test_compare_methods_with_lsoftmax_and_sphereface(tmp_path):
   with open(tmp_path / "comparison.json", encoding="utf-8") as f:
     rows = json.load(f)["rows"]
   assert [row["method"] for row in rows] == ["weight_decay", "lsoftmax", "sphereface"]
+  with open(tmp_path / "comparison.json", encoding="utf-8") as f:
+    recorded = json.load(f)["flags"]
+  assert (
+      recorded["lambda_base"],
+      recorded["lambda_gamma"],
+      recorded["lambda_power"],
+      recorded["lambda_min"],
+  ) == (1000.0, 0.12, 1.0, 5.0)
   for row in rows:
     assert 0.0 <= row["accuracy"] <= 1.0
     assert {"first_order_l2", "deepfool_l2", "train_seconds"} <= row.keys()
@@ -472,6 +497,16 @@ def test_reproduce_mnist_end_to_end(tmp_path):
       ]
   )
   assert len(os.listdir(tmp_path / "runs")) == 3
+  for name in os.listdir(tmp_path / "runs"):
+    with open(tmp_path / "runs" / name / "results.json", encoding="utf-8") as f:
+      flags = json.load(f)["flags"]
+    # The sweep's own settings, not mnist.py's (original-configuration) defaults.
+    assert (
+        flags["optimizer"],
+        flags["optimizer_epsilon"],
+        flags["weight_decay"],
+        flags["layers_weights"],
+    ) == ("adam", 1e-7, 0.0, "none")
   report = (tmp_path / "results.md").read_text()
   assert "| 0% |" in report and "| 9700 |" in report  # 10k sample - 300 validation
   assert report in process.stdout
