@@ -1,5 +1,6 @@
 """Tests for tf_large_margin.output_margin (numbers checked against numpy)."""
 
+import json
 import math
 import os
 
@@ -338,10 +339,15 @@ def _all_losses():
       (om.ArcFace(margin=0.3, scale=10.0), False),
       (om.LSoftmax(m=3), True),
       (om.SphereFace(m=4), True),
+      (om.LSoftmax(m=2, lambda_=2.5), True),
+      (om.SphereFace(m=4, lambda_=om.LambdaDecay(10.0, 0.5, 1.0, 1.0)), True),
   ]
 
 
-@pytest.mark.parametrize("idx", range(6))
+NUM_LOSSES = len(_all_losses())
+
+
+@pytest.mark.parametrize("idx", range(NUM_LOSSES))
 def test_sparse_and_one_hot_labels_agree(labels, cos, norms, idx):
   loss, needs_norms = _all_losses()[idx]
   y_pred = _concat(cos, norms) if needs_norms else cos
@@ -366,7 +372,7 @@ def test_bad_label_shapes_raise(cos):
     om.l_softmax(np.zeros(N, np.int32), cos)  # odd last dim: no norms
 
 
-@pytest.mark.parametrize("idx", range(6))
+@pytest.mark.parametrize("idx", range(NUM_LOSSES))
 def test_sample_weight_and_reductions(rng, labels, cos, norms, idx):
   loss, needs_norms = _all_losses()[idx]
   y_pred = _concat(cos, norms) if needs_norms else cos
@@ -428,7 +434,7 @@ def test_integral_float_m_is_accepted():
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("idx", range(6))
+@pytest.mark.parametrize("idx", range(NUM_LOSSES))
 def test_serialization_round_trip(labels, cos, norms, idx):
   loss, needs_norms = _all_losses()[idx]
   y_pred = _concat(cos, norms) if needs_norms else cos
@@ -540,3 +546,319 @@ def test_head_config_is_the_head_the_loss_expects(rng, labels, loss, reference):
   }[reference]
   expected = [np_xent(logits[i], labels[i]) for i in range(N)]
   np.testing.assert_allclose(loss.call(labels, y_pred), expected, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------
+# L-Softmax / SphereFace lambda annealing
+# --------------------------------------------------------------------------
+
+
+def np_l_softmax_annealed(c, norms, y, m, lam):
+  """Target logit (lam ||w|| ||x|| cos + ||w|| ||x|| psi) / (1 + lam), as written."""
+  logits = np.array(norms, np.float64) * np.array(c, np.float64)
+  psi, _ = np_psi_k(np.arccos(np.clip(c[y], -1.0, 1.0)), m)
+  logits[y] = (lam * norms[y] * c[y] + norms[y] * psi) / (1.0 + lam)
+  return np_xent(logits, y)
+
+
+def np_lambda_decay(step, base, gamma, power, lambda_min):
+  return max(lambda_min, base * (1.0 + gamma * step) ** (-power))
+
+
+@pytest.mark.parametrize("m", [2, 3, 4])
+@pytest.mark.parametrize("lam", [0.0, 0.5, 3.0, 100.0])
+def test_annealed_l_softmax_matches_numpy(rng, labels, cos, norms, m, lam):
+  expected = per_example(np_l_softmax_annealed, cos, norms, labels, m=m, lam=lam)
+  y_pred = _concat(cos, norms)
+  for got in (
+      om.l_softmax(labels, y_pred, m=m, lambda_=lam),
+      om.l_softmax(labels, y_pred, m=m, lambda_=tf.constant(lam)),
+      om.LSoftmax(m=m, lambda_=lam, reduction="none")(labels, y_pred),
+  ):
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
+  sn = _sphere_norms(rng)
+  y_pred = _concat(cos, sn)
+  expected = per_example(np_l_softmax_annealed, cos, sn, labels, m=m, lam=lam)
+  np.testing.assert_allclose(
+      om.SphereFace(m=m, lambda_=lam, reduction="none")(labels, y_pred),
+      expected,
+      rtol=1e-5,
+      atol=1e-4,
+  )
+
+
+def test_lambda_zero_is_the_unannealed_loss(labels, cos, norms):
+  y_pred = _concat(cos, norms)
+  for m in (2, 4):
+    plain = np.asarray(om.l_softmax(labels, y_pred, m=m))
+    np.testing.assert_array_equal(om.l_softmax(labels, y_pred, m=m, lambda_=0), plain)
+    np.testing.assert_array_equal(
+        om.LSoftmax(m=m, lambda_=0.0, reduction="none")(labels, y_pred), plain
+    )
+  assert om.LSoftmax().lambda_ == 0.0 and om.SphereFace().lambda_ == 0.0
+  assert om.LSoftmax().step is None
+
+
+@pytest.mark.parametrize("fn", [om.l_softmax, om.sphereface])
+@pytest.mark.parametrize("m", [2, 3, 4])
+def test_lambda_to_infinity_is_softmax_cross_entropy(rng, labels, cos, norms, fn, m):
+  if fn is om.sphereface:
+    norms = _sphere_norms(rng)
+  y_pred = _concat(cos, norms)
+  ref = _xent(labels, norms * cos)
+  np.testing.assert_allclose(
+      fn(labels, y_pred, m=m, lambda_=1e12), ref, rtol=1e-5, atol=1e-5
+  )
+  # ... and the loss falls monotonically towards it as lambda grows (psi <= cos)
+  values = [np.asarray(fn(labels, y_pred, m=m, lambda_=lam)) for lam in (0, 1, 10, 1e3)]
+  for smaller, larger in zip(values[1:], values[:-1]):
+    assert np.all(smaller <= larger + 1e-5)
+  assert np.all(values[-1] >= ref - 1e-5)
+
+
+def test_lambda_decay_values():
+  steps = [0, 1, 2, 10, 100, 1000, 10_000, 100_000]
+  for params in [
+      (1000.0, 0.12, 1.0, 5.0),  # SphereFace
+      (1000.0, 0.12, 1.0, 0.0),
+      (100.0, 0.01, 2.0, 0.5),
+      (7.0, 0.0, 1.0, 0.0),  # gamma = 0: constant
+      (50.0, 1.0, 0.0, 1.0),  # power = 0: constant
+  ]:
+    schedule = om.LambdaDecay(*params)
+    got = [float(schedule(tf.constant(s, tf.int64))) for s in steps]
+    expected = [np_lambda_decay(s, *params) for s in steps]
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+  default = om.LambdaDecay()
+  assert (default.base, default.gamma, default.power, default.lambda_min) == (
+      1000.0,
+      0.12,
+      1.0,
+      5.0,
+  )
+  assert float(default(0)) == 1000.0 and float(default(10**6)) == 5.0
+
+
+@pytest.mark.parametrize(
+    "factory, match",
+    [
+        (lambda: om.LSoftmax(lambda_=-1.0), "lambda_.*non-negative"),
+        (lambda: om.SphereFace(lambda_=float("inf")), "lambda_.*finite"),
+        (lambda: om.SphereFace(lambda_=float("nan")), "lambda_.*finite"),
+        (lambda: om.LSoftmax(lambda_="1000"), "lambda_.*schedule"),
+        (lambda: om.LSoftmax(lambda_=True), "lambda_"),
+        (lambda: om.LSoftmax(lambda_=lambda step: 1.0), "lambda_.*schedule"),
+        (lambda: om.l_softmax([0], [[0.1, 0.2, 1.0, 1.0]], lambda_=-2.0), "lambda_"),
+        (
+            lambda: om.sphereface(
+                [0], [[0.1, 0.2, 1.0, 1.0]], lambda_=om.LambdaDecay()
+            ),
+            "not a schedule",
+        ),
+        (lambda: om.LambdaDecay(base=-1.0), "base.*non-negative"),
+        (lambda: om.LambdaDecay(gamma=-0.1), "gamma.*non-negative"),
+        (lambda: om.LambdaDecay(power=-1.0), "power.*non-negative"),
+        (lambda: om.LambdaDecay(lambda_min=-5.0), "lambda_min.*non-negative"),
+        (lambda: om.LambdaDecay(gamma=float("nan")), "gamma.*finite"),
+        (lambda: om.LambdaDecay(base="1000"), "base"),
+        (lambda: om.LambdaDecay(base=10.0, lambda_min=20.0), "lambda_min.*base"),
+    ],
+)
+def test_bad_lambda_raises(factory, match):
+  with pytest.raises(ValueError, match=match):
+    factory()
+
+
+def _annealing_model(loss_cls, seed=0):
+  keras.utils.set_random_seed(seed)
+  inputs = keras.Input((6,))
+  features = keras.layers.Dense(8, activation="tanh")(inputs)
+  model = keras.Model(
+      inputs, CosineHead(3, name="head", **loss_cls.head_config)(features)
+  )
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(16, 6)).astype(np.float32)
+  y = rng.integers(0, 3, size=16)
+  return model, x, y
+
+
+# Steep, so that consecutive steps have clearly different lambdas:
+# 1000, 8.3, 2.3, 1.04, 0.59, 0.38.
+STEEP = dict(base=1000.0, gamma=10.0, power=2.0, lambda_min=0.0)
+
+
+@pytest.mark.parametrize("loss_cls", [om.LSoftmax, om.SphereFace])
+def test_lambda_schedule_advances_during_fit(loss_cls):
+  """With learning rate 0 the weights stay fixed, so the loss logged for the
+  one-step epoch i is the loss at lambda(i): the compiled train function reads
+  the current step, not the value it was traced with."""
+  model, x, y = _annealing_model(loss_cls)
+  schedule = om.LambdaDecay(**STEEP)
+  loss = loss_cls(m=2, lambda_=schedule)
+  model.compile(keras.optimizers.SGD(0.0), loss=loss, jit_compile=False)
+  epochs = 5
+  history = model.fit(
+      x,
+      y,
+      batch_size=16,
+      epochs=epochs,
+      verbose=0,
+      shuffle=False,
+      callbacks=[om.LambdaScheduler()],
+  )
+  output = model(x)
+  lambdas = [np_lambda_decay(i, **STEEP) for i in range(epochs)]
+  expected = [float(loss_cls(m=2, lambda_=lam)(y, output)) for lam in lambdas]
+  np.testing.assert_allclose(history.history["loss"], expected, rtol=1e-5)
+  assert expected[0] < 0.9 * expected[-1]  # lambda made a difference
+  # the logs record the lambda of each epoch's (last) step
+  np.testing.assert_allclose(history.history["lambda"], lambdas, rtol=1e-6)
+  # after fit the loss is at the optimizer's step
+  assert int(loss.step) == int(model.optimizer.iterations) == epochs
+  np.testing.assert_allclose(
+      float(loss.current_lambda()), np_lambda_decay(epochs, **STEEP), rtol=1e-6
+  )
+
+  # Without the callback the schedule stays at step 0 (lambda = base).
+  model, x, y = _annealing_model(loss_cls)
+  loss = loss_cls(m=2, lambda_=om.LambdaDecay(**STEEP))
+  model.compile(keras.optimizers.SGD(0.0), loss=loss, jit_compile=False)
+  history = model.fit(x, y, batch_size=16, epochs=3, verbose=0, shuffle=False)
+  assert int(loss.step) == 0
+  np.testing.assert_allclose(history.history["loss"], [expected[0]] * 3, rtol=1e-5)
+
+
+def test_lambda_scheduler_with_keras_schedule_and_several_steps_per_epoch():
+  """Any Keras schedule works as lambda_; the step is the optimizer's step
+  (not the epoch), and the losses in a dict of losses are found."""
+  model, x, y = _annealing_model(om.SphereFace)
+  schedule = keras.optimizers.schedules.PiecewiseConstantDecay([2], [50.0, 0.0])
+  loss = om.SphereFace(m=4, lambda_=schedule)
+  model.compile(keras.optimizers.SGD(0.0), loss={"head": loss}, jit_compile=False)
+  history = model.fit(
+      x,
+      y,
+      batch_size=4,  # 4 steps per epoch
+      epochs=2,
+      verbose=0,
+      shuffle=False,
+      callbacks=[om.LambdaScheduler()],
+  )
+  output = model(x)
+  per_batch = [
+      [
+          float(om.SphereFace(m=4, lambda_=lam)(y[i : i + 4], output[i : i + 4]))
+          for i in range(0, 16, 4)
+      ]
+      for lam in (50.0, 0.0)
+  ]
+  # PiecewiseConstantDecay: lambda 50 at steps <= 2, 0 from step 3 on
+  epoch1 = np.mean(per_batch[0][:3] + per_batch[1][3:])
+  epoch2 = np.mean(per_batch[1])
+  np.testing.assert_allclose(history.history["loss"], [epoch1, epoch2], rtol=1e-5)
+  assert int(loss.step) == 8
+  assert history.history["lambda"] == [0.0, 0.0]  # at steps 3 and 7
+
+
+def test_annealed_loss_serialization_and_resumed_schedule(tmp_path):
+  """model.save / load_model keep the schedule; the loaded loss starts at step 0
+  and LambdaScheduler resynchronises it with the restored optimizer step."""
+  model, x, y = _annealing_model(om.LSoftmax)
+  loss = om.LSoftmax(m=3, lambda_=om.LambdaDecay(**STEEP), name="ls")
+  model.compile(keras.optimizers.Adam(1e-3), loss=loss, jit_compile=False)
+  model.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[om.LambdaScheduler()])
+  assert int(loss.step) == 4
+  path = tmp_path / "annealed.keras"
+  model.save(path)
+  restored = keras.saving.load_model(path)
+  assert type(restored.loss) is om.LSoftmax
+  assert restored.loss.get_config() == loss.get_config()
+  assert isinstance(restored.loss.lambda_, om.LambdaDecay)
+  assert restored.loss.lambda_.get_config() == STEEP
+  assert int(restored.loss.step) == 0
+  restored.fit(
+      x, y, batch_size=8, epochs=1, verbose=0, callbacks=[om.LambdaScheduler()]
+  )
+  assert int(restored.optimizer.iterations) == 6 and int(restored.loss.step) == 6
+
+  for lambda_ in (
+      om.LambdaDecay(1.0, 2.0, 3.0, 0.5),
+      keras.optimizers.schedules.ExponentialDecay(100.0, 10, 0.5),
+      4.0,
+  ):
+    original = om.SphereFace(m=3, lambda_=lambda_)
+    serialized = keras.saving.serialize_keras_object(original)
+    json.dumps(serialized)  # JSON-compatible
+    copy = keras.saving.deserialize_keras_object(serialized)
+    assert type(copy) is om.SphereFace and copy.get_config() == original.get_config()
+    for step in (0, 7):
+      if copy.step is not None:
+        copy.step.assign(step)
+        original.step.assign(step)
+      np.testing.assert_allclose(
+          float(copy.current_lambda()), float(original.current_lambda())
+      )
+
+
+def test_lambda_scheduler_ignores_constant_lambdas():
+  model, x, y = _annealing_model(om.LSoftmax)
+  model.compile("adam", loss=om.LSoftmax(m=2, lambda_=3.0), jit_compile=False)
+  history = model.fit(x, y, epochs=1, verbose=0, callbacks=[om.LambdaScheduler()])
+  assert "lambda" not in history.history
+  model, x, y = _annealing_model(om.LSoftmax)
+  model.compile("adam", loss="mse", jit_compile=False)
+  model.fit(x, np.zeros((16, 6)), epochs=1, verbose=0, callbacks=[om.LambdaScheduler()])
+
+
+def test_lambda_scheduler_with_two_scheduled_losses_and_explicit_losses():
+  inputs = keras.Input((6,))
+  features = keras.layers.Dense(8, activation="tanh")(inputs)
+  a = CosineHead(3, name="a", **om.LSoftmax.head_config)(features)
+  b = CosineHead(3, name="b", **om.SphereFace.head_config)(features)
+  model = keras.Model(inputs, {"a": a, "b": b})
+  losses = {
+      "a": om.LSoftmax(lambda_=om.LambdaDecay(**STEEP), name="ls"),
+      "b": om.SphereFace(lambda_=om.LambdaDecay(10.0, 1.0, 1.0, 0.0), name="sf"),
+  }
+  model.compile(keras.optimizers.SGD(0.0), loss=losses, jit_compile=False)
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(16, 6)).astype(np.float32)
+  y = rng.integers(0, 3, size=16)
+  history = model.fit(
+      x,
+      {"a": y, "b": y},
+      batch_size=8,
+      epochs=2,
+      verbose=0,
+      callbacks=[om.LambdaScheduler()],
+  )
+  np.testing.assert_allclose(
+      history.history["ls_lambda"],
+      [np_lambda_decay(s, **STEEP) for s in (1, 3)],
+      rtol=1e-6,
+  )
+  np.testing.assert_allclose(history.history["sf_lambda"], [5.0, 2.5], rtol=1e-6)
+  # only the losses given are updated
+  losses["a"].step.assign(0)
+  model.fit(
+      x,
+      {"a": y, "b": y},
+      batch_size=8,
+      epochs=1,
+      verbose=0,
+      callbacks=[om.LambdaScheduler(losses=[losses["b"]])],
+  )
+  assert int(losses["a"].step) == 0 and int(losses["b"].step) == 6
+
+
+@pytest.mark.parametrize("loss_cls", [om.LSoftmax, om.SphereFace])
+def test_annealing_trains_where_the_plain_loss_may_not(loss_cls):
+  """A tiny model trains with the annealed loss (loss and accuracy improve)."""
+  model, x, y = _annealing_model(loss_cls)
+  loss = loss_cls(lambda_=om.LambdaDecay(100.0, 0.5, 1.0, 1.0))
+  model.compile(keras.optimizers.Adam(0.02), loss=loss, jit_compile=False)
+  before = float(loss_cls(lambda_=1.0)(y, model(x)))
+  model.fit(x, y, batch_size=16, epochs=40, verbose=0, callbacks=[om.LambdaScheduler()])
+  np.testing.assert_allclose(float(loss.current_lambda()), 100.0 / 21.0, rtol=1e-5)
+  after = float(loss_cls(lambda_=1.0)(y, model(x)))
+  assert np.isfinite(after) and after < 0.7 * before, (before, after)

@@ -18,6 +18,8 @@ from tf_large_margin.models import MarginTraining
 from tf_large_margin.output_margin import AMSoftmax
 from tf_large_margin.output_margin import ArcFace
 from tf_large_margin.output_margin import CosFace
+from tf_large_margin.output_margin import LambdaDecay
+from tf_large_margin.output_margin import LambdaScheduler
 from tf_large_margin.output_margin import LSoftmax
 from tf_large_margin.output_margin import MulticlassHinge
 from tf_large_margin.output_margin import SphereFace

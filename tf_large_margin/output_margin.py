@@ -21,6 +21,15 @@ the factor `scale_j` such that the ordinary logit is `z_j = scale_j *
 cos(theta_j)`. Use `tf_large_margin.layers.head_output_logits` to get `z`
 (e.g. for accuracy / `argmax`).
 
+`LSoftmax` and `SphereFace` take the papers' optional annealing weight
+`lambda_` (a number, or a schedule of the training step such as `LambdaDecay`;
+the `LambdaScheduler` callback advances the step during `fit`):
+
+| schedule / callback | role                                                         |
+|---------------------|--------------------------------------------------------------|
+| `LambdaDecay`       | `lambda(step) = max(lambda_min, base (1 + gamma step)^-power)` |
+| `LambdaScheduler`   | `keras.callbacks.Callback` keeping the losses' `step` equal to `model.optimizer.iterations` |
+
 Each loss class has a class attribute `head_config`: the `CosineHead`
 arguments (besides `units`) of the head whose output it expects, so a model can
 be built as `CosineHead(num_classes, **loss.head_config)`.
@@ -41,6 +50,7 @@ import numbers
 
 import keras
 from keras import ops
+from keras.optimizers.schedules import LearningRateSchedule
 
 from tf_large_margin.labels import to_one_hot
 from tf_large_margin.layers import split_head_output
@@ -458,6 +468,153 @@ class ArcFace(keras.losses.Loss):
 
 
 # --------------------------------------------------------------------------
+# Annealing weight lambda of L-Softmax / SphereFace
+# --------------------------------------------------------------------------
+
+
+def _check_lambda(lambda_):
+  """Validates `lambda_`: a number `>= 0` or a `LearningRateSchedule`."""
+  if isinstance(lambda_, LearningRateSchedule):
+    return lambda_
+  if isinstance(lambda_, bool) or not isinstance(lambda_, numbers.Real):
+    raise ValueError(
+        "`lambda_` must be a non-negative number or a schedule of the training "
+        "step (a keras.optimizers.schedules.LearningRateSchedule such as "
+        f"tf_large_margin.output_margin.LambdaDecay), got lambda_={lambda_!r}."
+    )
+  return _check_real("lambda_", lambda_)
+
+
+@keras.saving.register_keras_serializable(package="tf_large_margin")
+class LambdaDecay(LearningRateSchedule):
+  """Decay of the L-Softmax / SphereFace annealing weight `lambda`.
+
+  ```
+  lambda(step) = max(lambda_min, base * (1 + gamma * step)^(-power))
+  ```
+
+  with `step` the number of training steps done (`optimizer.iterations`).
+  This is the form of the decay in the reference implementation of
+  SphereFace (Liu et al., CVPR 2017; L-Softmax, Liu et al., ICML 2016, anneals
+  with a decay of the same kind), which moves the target logit from the plain
+  softmax one (`lambda` large) towards the margin one (`lambda` small); see
+  `LSoftmax`. The defaults are SphereFace's (`base=1000, gamma=0.12, power=1,
+  lambda_min=5`).
+
+  It is a `keras.optimizers.schedules.LearningRateSchedule` (a serialisable
+  function of the step), so any Keras schedule (e.g. `PiecewiseConstantDecay`)
+  can be given as `lambda_` instead.
+
+  Args:
+      base: `lambda` at step 0, `>= 0`. Default `1000.0`.
+      gamma: Decay rate per step, `>= 0`. Default `0.12`.
+      power: Exponent, `>= 0`. Default `1.0`.
+      lambda_min: Floor of `lambda`, `0 <= lambda_min <= base`. Default `5.0`.
+
+  Example:
+
+  >>> schedule = LambdaDecay()  # SphereFace's
+  >>> [float(schedule(step)) for step in (0, 100, 10_000)]  # [1000, 76.9, 5]
+  """
+
+  def __init__(self, base=1000.0, gamma=0.12, power=1.0, lambda_min=5.0):
+    self.base = _check_real("base", base)
+    self.gamma = _check_real("gamma", gamma)
+    self.power = _check_real("power", power)
+    self.lambda_min = _check_real("lambda_min", lambda_min)
+    if self.lambda_min > self.base:
+      raise ValueError(
+          f"`lambda_min`={lambda_min!r} must not exceed `base`={base!r} "
+          "(lambda would be constant)."
+      )
+
+  def __call__(self, step):
+    step = ops.cast(step, "float32")
+    decayed = self.base * ops.power(1.0 + self.gamma * step, -self.power)
+    return ops.maximum(decayed, self.lambda_min)
+
+  def get_config(self):
+    return {
+        "base": self.base,
+        "gamma": self.gamma,
+        "power": self.power,
+        "lambda_min": self.lambda_min,
+    }
+
+
+class LambdaScheduler(keras.callbacks.Callback):
+  """Advances the `lambda_` schedules of `LSoftmax` / `SphereFace` losses.
+
+  A loss with a schedule `lambda_` evaluates it at its non-trainable variable
+  `step`, read inside the compiled train function. Before each training batch
+  (and at the end of training) this callback sets that variable to
+  `model.optimizer.iterations`, so the loss of step `i` uses `lambda_(i)`,
+  and a run resumed from a checkpoint (e.g. `keras.callbacks.BackupAndRestore`)
+  continues the schedule where it stopped. With `steps_per_execution=k` the
+  step is updated once every `k` steps.
+
+  Losses with a constant `lambda_` (and models without such losses) are left
+  alone, so the callback can be added to any `fit`. Evaluation uses the
+  `lambda` of the current step. Without this callback the schedule stays at
+  its step-0 value.
+
+  At the end of each epoch it adds the `lambda` of the epoch's last step to
+  the logs (key `"lambda"`, or `"<loss name>_lambda"` when there are several
+  scheduled losses), so `History`, `CSVLogger` and `TensorBoard` placed after
+  it record it.
+
+  Args:
+      losses: The losses to update. Default: those found in `model.loss`
+          (a loss, or a list / dict of losses) when training starts.
+
+  Example:
+
+  ```python
+  loss = SphereFace(m=4, lambda_=LambdaDecay(1000.0, 0.12, 1.0, 5.0))
+  model.compile("adam", loss=loss, metrics=[HeadOutputAccuracy()])
+  model.fit(x, y, epochs=10, callbacks=[LambdaScheduler()])
+  ```
+  """
+
+  def __init__(self, losses=None):
+    super().__init__()
+    self._given_losses = losses
+    self._losses = []
+
+  def _scheduled(self, losses):
+    return [
+        loss
+        for loss in keras.tree.flatten(losses)
+        if isinstance(loss, LSoftmax) and loss.step is not None
+    ]
+
+  def _update(self):
+    if self._losses:
+      step = ops.convert_to_tensor(self.model.optimizer.iterations)
+      for loss in self._losses:
+        loss.step.assign(ops.cast(step, loss.step.dtype))
+
+  def on_train_begin(self, logs=None):
+    losses = self._given_losses
+    if losses is None:
+      losses = getattr(self.model, "loss", None)
+    self._losses = self._scheduled(losses) if losses is not None else []
+
+  def on_train_batch_begin(self, batch, logs=None):
+    self._update()
+
+  def on_epoch_end(self, epoch, logs=None):
+    if logs is None:
+      return
+    for loss in self._losses:
+      key = "lambda" if len(self._losses) == 1 else f"{loss.name}_lambda"
+      logs[key] = float(loss.current_lambda())
+
+  def on_train_end(self, logs=None):
+    self._update()
+
+
+# --------------------------------------------------------------------------
 # L-Softmax / A-Softmax (SphereFace)
 # --------------------------------------------------------------------------
 
@@ -487,18 +644,25 @@ def _psi(c, m):
   return sign * _chebyshev(c, m) - 2.0 * k
 
 
-def l_softmax(y_true, y_pred, m=2):
+def l_softmax(y_true, y_pred, m=2, lambda_=0.0):
   """Large-margin softmax (L-Softmax) loss.
 
   With `z_j = ||w_j|| ||x|| cos(theta_j)`:
 
   ```
   logit_j = ||w_j|| ||x|| cos(theta_j)       for j != y
-  logit_y = ||w_y|| ||x|| psi(theta_y)
+  logit_y = ||w_y|| ||x|| (lambda cos(theta_y) + psi(theta_y)) / (1 + lambda)
   psi(theta) = (-1)^k cos(m theta) - 2k,  theta in [k pi/m, (k+1) pi/m],
                k = 0..m-1
   loss    = -log softmax(logit)_y
   ```
+
+  `lambda` is the paper's annealing weight: `lambda = 0` (the default) is the
+  L-Softmax loss proper, `lambda -> infinity` plain softmax cross-entropy on
+  the logits `z`. The paper trains with a large `lambda` decreased over
+  training (see `LSoftmax`, `LambdaDecay`). The target logit is evaluated as
+  `z-scale * (cos + (psi - cos) / (1 + lambda))`, which is the formula above
+  and stays accurate for large `lambda`.
 
   Interface: `y_pred` has shape `(N, 2C)` and is `concat([cos, norms])`
   where `cos[:, j] = cos(theta_j)` and `norms[:, j] = ||w_j|| ||x||`, i.e. the
@@ -507,9 +671,8 @@ def l_softmax(y_true, y_pred, m=2):
   `cos(theta_y)` with Chebyshev polynomials (no `arccos`), so value and
   gradient are finite for `cos(theta_y)` in `[-1, 1]`.
 
-  `m=1` gives plain softmax cross-entropy on the logits `norms * cos`.
-  The paper's optional annealing (`(lambda z_y + psi-logit) / (1 + lambda)`)
-  is not included.
+  `m=1` gives plain softmax cross-entropy on the logits `norms * cos` (for
+  any `lambda`).
 
   Reference: Liu, Wen, Yu & Yang, "Large-Margin Softmax Loss for
   Convolutional Neural Networks", ICML 2016.
@@ -518,6 +681,8 @@ def l_softmax(y_true, y_pred, m=2):
       y_true: Integer labels `(N,)`/`(N, 1)` or one-hot labels `(N, C)`.
       y_pred: `concat([cos(theta), ||w_j|| ||x||])`, shape `(N, 2C)`.
       m: Integer angular margin `m >= 1`.
+      lambda_: Annealing weight `lambda >= 0`: a number, or a scalar tensor
+          (e.g. a schedule's value at the current step). Default `0.0`.
 
   Returns:
       Per-example loss of shape `(N,)`.
@@ -526,24 +691,38 @@ def l_softmax(y_true, y_pred, m=2):
 
   >>> head = CosineHead(10, normalize_features=False,
   ...                   normalize_weights=False, return_norms=True)
-  >>> loss = l_softmax(labels, head(features), m=2)
+  >>> loss = l_softmax(labels, head(features), m=2, lambda_=10.0)
   """
   m = _check_multiplicative_margin(m)
+  if not (ops.is_tensor(lambda_) or isinstance(lambda_, keras.Variable)):
+    lambda_ = _check_lambda(lambda_)
+  if isinstance(lambda_, LearningRateSchedule):
+    raise ValueError(
+        "`l_softmax` / `sphereface` take the value of lambda, not a schedule; "
+        "use the `LSoftmax` / `SphereFace` loss classes for a schedule."
+    )
   cos, norms = split_head_output(y_pred)
   one_hot = _one_hot_like(y_true, cos)
-  psi_y = _psi(_target_column(one_hot, cos), m)
+  cos_y = _target_column(one_hot, cos)
+  psi_y = _psi(cos_y, m)
+  if not (isinstance(lambda_, float) and lambda_ == 0.0):
+    lambda_ = ops.cast(lambda_, cos.dtype)
+    psi_y = cos_y + (psi_y - cos_y) / (1.0 + lambda_)
   angular = _replace_target(one_hot, cos, psi_y)
   return _softmax_xent(one_hot, norms * angular)
 
 
-def sphereface(y_true, y_pred, m=4):
+def sphereface(y_true, y_pred, m=4, lambda_=0.0):
   """A-Softmax (SphereFace) loss: L-Softmax with normalised weights.
 
   ```
   logit_j = ||x|| cos(theta_j)       for j != y
-  logit_y = ||x|| psi(theta_y)       (psi as in `l_softmax`)
+  logit_y = ||x|| (lambda cos(theta_y) + psi(theta_y)) / (1 + lambda)
   loss    = -log softmax(logit)_y
   ```
+
+  (`psi` and the annealing weight `lambda` as in `l_softmax`; `lambda = 0`
+  is A-Softmax proper.)
 
   Interface: `y_pred` has shape `(N, 2C)` and is `concat([cos, norms])`
   with `norms[:, j] = ||x||`, i.e. the output of `CosineHead(C,
@@ -560,6 +739,8 @@ def sphereface(y_true, y_pred, m=4):
       y_true: Integer labels `(N,)`/`(N, 1)` or one-hot labels `(N, C)`.
       y_pred: `concat([cos(theta), ||x||])`, shape `(N, 2C)`.
       m: Integer angular margin `m >= 1`.
+      lambda_: Annealing weight `lambda >= 0` (number or scalar tensor).
+          Default `0.0`.
 
   Returns:
       Per-example loss of shape `(N,)`.
@@ -569,16 +750,16 @@ def sphereface(y_true, y_pred, m=4):
   >>> head = CosineHead(10, normalize_features=False, return_norms=True)
   >>> loss = sphereface(labels, head(features), m=4)
   """
-  return l_softmax(y_true, y_pred, m=m)
+  return l_softmax(y_true, y_pred, m=m, lambda_=lambda_)
 
 
 @keras.saving.register_keras_serializable(package="tf_large_margin")
 class LSoftmax(keras.losses.Loss):
-  """Large-margin softmax (L-Softmax) loss.
+  """Large-margin softmax (L-Softmax) loss, with optional lambda annealing.
 
   ```
   logit_j = ||w_j|| ||x|| cos(theta_j)       for j != y
-  logit_y = ||w_y|| ||x|| psi(theta_y)
+  logit_y = ||w_y|| ||x|| (lambda cos(theta_y) + psi(theta_y)) / (1 + lambda)
   psi(theta) = (-1)^k cos(m theta) - 2k,  theta in [k pi/m, (k+1) pi/m]
   ```
 
@@ -586,11 +767,27 @@ class LSoftmax(keras.losses.Loss):
   `(N, 2C)`, the output of `CosineHead(C, normalize_features=False,
   normalize_weights=False, return_norms=True)`. See `l_softmax`.
 
+  Annealing: the paper notes that the loss is hard to optimise from scratch
+  and trains with the target logit above, `lambda` starting large (the
+  plain softmax logit) and decreasing over training. `LambdaDecay` gives
+  the decay `lambda = max(lambda_min, base (1 + gamma
+  iteration)^(-power))` of the SphereFace reference implementation.
+  `lambda_=0` (the default) is the loss without annealing. A schedule
+  `lambda_` is evaluated at the loss's non-trainable variable `step`
+  (`current_lambda()`); during `fit`, the `LambdaScheduler` callback keeps
+  `step` equal to `model.optimizer.iterations`. Without the callback `step`
+  stays 0. `step` is not part of the config: a loaded model's loss starts
+  at 0 and the callback resynchronises it when training resumes.
+
   Reference: Liu et al., "Large-Margin Softmax Loss for Convolutional
   Neural Networks", ICML 2016.
 
   Args:
       m: Integer angular margin `m >= 1` (`1` = plain softmax). Default `2`.
+      lambda_: Annealing weight `lambda >= 0`: a number, or a schedule of the
+          training step (`LambdaDecay` or any
+          `keras.optimizers.schedules.LearningRateSchedule`, whose values
+          must be `>= 0`). Default `0.0` (no annealing).
       reduction: Keras reduction, default `"sum_over_batch_size"`.
       name: Loss name.
       dtype: Loss computation dtype.
@@ -601,7 +798,8 @@ class LSoftmax(keras.losses.Loss):
   head = CosineHead(10, normalize_features=False, normalize_weights=False,
                     return_norms=True)
   model = keras.Sequential([keras.Input((32,)), head])
-  model.compile(optimizer="adam", loss=LSoftmax(m=2))
+  model.compile(optimizer="adam", loss=LSoftmax(m=2, lambda_=LambdaDecay()))
+  model.fit(x, y, callbacks=[LambdaScheduler()])
   logits = tf_large_margin.layers.head_output_logits(model.predict(x))
   ```
   """
@@ -615,20 +813,43 @@ class LSoftmax(keras.losses.Loss):
   def __init__(
       self,
       m=2,
+      lambda_=0.0,
       reduction="sum_over_batch_size",
       name="l_softmax",
       dtype=None,
   ):
     super().__init__(name=name, reduction=reduction, dtype=dtype)
     self.m = _check_multiplicative_margin(m)
+    self.lambda_ = _check_lambda(lambda_)
+    self.step = None
+    if isinstance(self.lambda_, LearningRateSchedule):
+      self.step = keras.Variable(
+          0, dtype="int64", trainable=False, name=f"{self.name}_lambda_step"
+      )
+
+  def current_lambda(self):
+    """`lambda_`, or the schedule's value at `step` (a scalar tensor)."""
+    if self.step is None:
+      return self.lambda_
+    return self.lambda_(self.step)
 
   def call(self, y_true, y_pred):
-    return l_softmax(y_true, y_pred, m=self.m)
+    return l_softmax(y_true, y_pred, m=self.m, lambda_=self.current_lambda())
 
   def get_config(self):
     config = super().get_config()
-    config.update({"m": self.m})
+    lambda_ = self.lambda_
+    if isinstance(lambda_, LearningRateSchedule):
+      lambda_ = keras.optimizers.schedules.serialize(lambda_)
+    config.update({"m": self.m, "lambda_": lambda_})
     return config
+
+  @classmethod
+  def from_config(cls, config):
+    config = dict(config)
+    if isinstance(config.get("lambda_"), dict):
+      config["lambda_"] = keras.optimizers.schedules.deserialize(config["lambda_"])
+    return cls(**config)
 
 
 @keras.saving.register_keras_serializable(package="tf_large_margin")
@@ -637,18 +858,25 @@ class SphereFace(LSoftmax):
 
   ```
   logit_j = ||x|| cos(theta_j)       for j != y
-  logit_y = ||x|| psi(theta_y)       (psi as in `LSoftmax`)
+  logit_y = ||x|| (lambda cos(theta_y) + psi(theta_y)) / (1 + lambda)
   ```
 
-  Expects `y_pred = concat([cos(theta), ||x||])` of shape `(N, 2C)`, the
-  output of `CosineHead(C, normalize_features=False,
+  (`psi` as in `LSoftmax`.) Expects `y_pred = concat([cos(theta), ||x||])`
+  of shape `(N, 2C)`, the output of `CosineHead(C, normalize_features=False,
   normalize_weights=True, return_norms=True)`. See `sphereface`.
+
+  Annealing: as `LSoftmax` (`lambda_`, `LambdaDecay`, `LambdaScheduler`).
+  The SphereFace reference implementation anneals with
+  `lambda = max(5, 1000 (1 + 0.12 iteration)^(-1))`, `LambdaDecay()`'s
+  defaults. `lambda_=0` (the default) is A-Softmax without annealing.
 
   Reference: Liu et al., "SphereFace: Deep Hypersphere Embedding for Face
   Recognition", CVPR 2017.
 
   Args:
       m: Integer angular margin `m >= 1` (`1` = plain softmax). Default `4`.
+      lambda_: Annealing weight `lambda >= 0`, a number or a schedule of the
+          training step (see `LSoftmax`). Default `0.0`.
       reduction: Keras reduction, default `"sum_over_batch_size"`.
       name: Loss name.
       dtype: Loss computation dtype.
@@ -658,7 +886,8 @@ class SphereFace(LSoftmax):
   ```python
   head = CosineHead(10, normalize_features=False, return_norms=True)
   model = keras.Sequential([keras.Input((32,)), head])
-  model.compile(optimizer="adam", loss=SphereFace(m=4))
+  model.compile(optimizer="adam", loss=SphereFace(m=4, lambda_=LambdaDecay()))
+  model.fit(x, y, callbacks=[LambdaScheduler()])
   ```
   """
 
@@ -667,14 +896,15 @@ class SphereFace(LSoftmax):
   def __init__(
       self,
       m=4,
+      lambda_=0.0,
       reduction="sum_over_batch_size",
       name="sphereface",
       dtype=None,
   ):
-    super().__init__(m=m, reduction=reduction, name=name, dtype=dtype)
+    super().__init__(m=m, lambda_=lambda_, reduction=reduction, name=name, dtype=dtype)
 
   def call(self, y_true, y_pred):
-    return sphereface(y_true, y_pred, m=self.m)
+    return sphereface(y_true, y_pred, m=self.m, lambda_=self.current_lambda())
 
 
 ASoftmax = SphereFace
