@@ -12,7 +12,8 @@ history), ``model.keras`` (final model), ``history.csv``, ``tensorboard/`` and, 
 a validation split, ``best.weights.h5`` (best validation accuracy). Under
 --loss=lsoftmax|sphereface the model returns [cos, scale] (2C columns):
 `tf_large_margin.layers.logits_model` gives its logits (examples/evaluate.py
-applies it).
+applies it); their target logit is annealed as in the papers (--lambda_*
+flags, advanced by a `tf_large_margin.LambdaScheduler` callback).
 """
 
 import csv
@@ -101,6 +102,18 @@ flags.DEFINE_integer(
     "logit uses cos(m theta) (1: plain softmax; default: the library's, 2 for "
     "L-Softmax, 4 for SphereFace).",
 )
+flags.DEFINE_float(
+    "lambda_base",
+    1000.0,
+    "--loss=lsoftmax|sphereface: annealing of the target logit, "
+    "scale * (lambda cos(theta) + psi(theta)) / (1 + lambda), with lambda = "
+    "max(lambda_min, lambda_base * (1 + lambda_gamma * step)^(-lambda_power)) "
+    "(LambdaDecay; the defaults are SphereFace's). 0: constant lambda = "
+    "--lambda_min (0 and 0: no annealing, the papers' loss proper).",
+)
+flags.DEFINE_float("lambda_gamma", 0.12, "See --lambda_base.")
+flags.DEFINE_float("lambda_power", 1.0, "See --lambda_base.")
+flags.DEFINE_float("lambda_min", 5.0, "See --lambda_base.")
 flags.DEFINE_float("gamma", 1e4, "Margin gamma, in the units of the margin layers.")
 flags.DEFINE_float(
     "alpha_factor", 4.0, "Distances are clipped below at gamma * (1 - alpha_factor)."
@@ -344,6 +357,16 @@ COSINE_LOSSES = {
 }
 
 
+def annealing_lambda():
+  """lambda_ of L-Softmax / SphereFace from --lambda_*: a `LambdaDecay`, or the
+  constant --lambda_min when --lambda_base=0."""
+  if FLAGS.lambda_base == 0:
+    return FLAGS.lambda_min
+  return tlm.LambdaDecay(
+      FLAGS.lambda_base, FLAGS.lambda_gamma, FLAGS.lambda_power, FLAGS.lambda_min
+  )
+
+
 def make_loss():
   """The --loss with its flags."""
   if FLAGS.loss == "xent":
@@ -353,7 +376,10 @@ def make_loss():
   if FLAGS.loss in COSINE_LOSSES:
     loss, arguments = COSINE_LOSSES[FLAGS.loss]
     values = {name: FLAGS[flag].value for name, flag in arguments.items()}
-    return loss(**{name: v for name, v in values.items() if v is not None})
+    kwargs = {name: v for name, v in values.items() if v is not None}
+    if issubclass(loss, tlm.LSoftmax):
+      kwargs["lambda_"] = annealing_lambda()
+    return loss(**kwargs)
   dist_norm = np.inf if FLAGS.dist_norm == "inf" else int(FLAGS.dist_norm)
   return tlm.LargeMarginLoss(
       gamma=FLAGS.gamma,
@@ -490,6 +516,8 @@ def make_callbacks(directory, has_validation):
       if os.path.exists(path):
         os.remove(path)
   callbacks = [
+      # Advances the lambda schedule of --loss=lsoftmax|sphereface (else no-op).
+      tlm.LambdaScheduler(),
       keras.callbacks.TensorBoard(os.path.join(directory, "tensorboard")),
       keras.callbacks.CSVLogger(history_path, append=True),
       keras.callbacks.BackupAndRestore(backup_dir, double_checkpoint=True),

@@ -14,6 +14,10 @@ Methods: weight decay (xent + weight decay), hinge (Crammer-Singer + weight
 decay), jacobian (hinge + Jacobian regulariser, Sokolic et al. Eq. 26), margin
 (Eq. 10 at the input, l2, + xent), amsoftmax, arcface, lsoftmax (m = 2),
 sphereface (m = 4) (on the `CosineHead` each loss expects; all with weight decay).
+L-Softmax and SphereFace anneal their target logit as in the papers,
+scale * (lambda cos + psi) / (1 + lambda) with lambda = max(lambda_min,
+lambda_base * (1 + lambda_gamma * step)^(-lambda_power)) (--lambda_* flags,
+SphereFace's values by default; --lambda_base=0 --lambda_min=0: no annealing).
 Accuracy and margins of lsoftmax / sphereface are those of their logits
 cos * scale (`tf_large_margin.layers`).
 """
@@ -57,6 +61,14 @@ flags.DEFINE_float("jacobian_weight", 0.1, "Jacobian regulariser weight lambda."
 flags.DEFINE_float(
     "gamma", 2.0, "Eq. 10 margin gamma at the input (l2, pixels in [0, 1])."
 )
+flags.DEFINE_float(
+    "lambda_base",
+    1000.0,
+    "lsoftmax / sphereface: lambda at step 0 (0: constant lambda = --lambda_min).",
+)
+flags.DEFINE_float("lambda_gamma", 0.12, "lsoftmax / sphereface: lambda decay rate.")
+flags.DEFINE_float("lambda_power", 1.0, "lsoftmax / sphereface: lambda decay power.")
+flags.DEFINE_float("lambda_min", 5.0, "lsoftmax / sphereface: floor of lambda.")
 flags.DEFINE_integer("num_test", 10000, "Test images evaluated (accuracy).")
 flags.DEFINE_integer("num_margin", 1000, "Test images whose margins are estimated.")
 flags.DEFINE_integer("seed", 0, "Seed of the subset, initialisation and shuffling.")
@@ -83,6 +95,15 @@ def sokolic_cnn(head_config=None):
   return inputs, head(features)
 
 
+def annealing_lambda():
+  """lambda_ of lsoftmax / sphereface from the --lambda_* flags."""
+  if FLAGS.lambda_base == 0:
+    return FLAGS.lambda_min
+  return tlm.LambdaDecay(
+      FLAGS.lambda_base, FLAGS.lambda_gamma, FLAGS.lambda_power, FLAGS.lambda_min
+  )
+
+
 def build(method):
   """The compiled model of one method."""
   keras.utils.set_random_seed(FLAGS.seed)
@@ -96,8 +117,8 @@ def build(method):
       ),
       "amsoftmax": tlm.AMSoftmax(margin=0.35, scale=30.0),
       "arcface": tlm.ArcFace(margin=0.5, scale=30.0),
-      "lsoftmax": tlm.LSoftmax(m=2),
-      "sphereface": tlm.SphereFace(m=4),
+      "lsoftmax": tlm.LSoftmax(m=2, lambda_=annealing_lambda()),
+      "sphereface": tlm.SphereFace(m=4, lambda_=annealing_lambda()),
   }[method]
   inputs, outputs = sokolic_cnn(getattr(loss, "head_config", None))
   if method == "jacobian":
@@ -141,6 +162,7 @@ def run(method, train, x_test, y_test):
       epochs=FLAGS.train_steps // steps_per_epoch,
       steps_per_epoch=steps_per_epoch,
       verbose=0,
+      callbacks=[tlm.LambdaScheduler()],  # lsoftmax / sphereface annealing
   )
   seconds = time.time() - start
   test = datasets.make_tf_dataset(x_test, y_test, 500, training=False)
@@ -203,6 +225,10 @@ def main(_):
                     "weight_decay",
                     "jacobian_weight",
                     "gamma",
+                    "lambda_base",
+                    "lambda_gamma",
+                    "lambda_power",
+                    "lambda_min",
                     "seed",
                 )
             },
