@@ -34,6 +34,8 @@ from tf_large_margin import datasets
 from tf_large_margin.optimizers import RMSpropTF1
 from tf_large_margin.regularizers import apply_weight_decay
 
+import lambda_flags
+
 FLAGS = flags.FLAGS
 ALL = "all"
 
@@ -102,18 +104,6 @@ flags.DEFINE_integer(
     "logit uses cos(m theta) (1: plain softmax; default: the library's, 2 for "
     "L-Softmax, 4 for SphereFace).",
 )
-flags.DEFINE_float(
-    "lambda_base",
-    1000.0,
-    "--loss=lsoftmax|sphereface: annealing of the target logit, "
-    "scale * (lambda cos(theta) + psi(theta)) / (1 + lambda), with lambda = "
-    "max(lambda_min, lambda_base * (1 + lambda_gamma * step)^(-lambda_power)) "
-    "(LambdaDecay; the defaults are SphereFace's). 0: constant lambda = "
-    "--lambda_min (0 and 0: no annealing, the papers' loss proper).",
-)
-flags.DEFINE_float("lambda_gamma", 0.12, "See --lambda_base.")
-flags.DEFINE_float("lambda_power", 1.0, "See --lambda_base.")
-flags.DEFINE_float("lambda_min", 5.0, "See --lambda_base.")
 flags.DEFINE_float("gamma", 1e4, "Margin gamma, in the units of the margin layers.")
 flags.DEFINE_float(
     "alpha_factor", 4.0, "Distances are clipped below at gamma * (1 - alpha_factor)."
@@ -357,16 +347,6 @@ COSINE_LOSSES = {
 }
 
 
-def annealing_lambda():
-  """lambda_ of L-Softmax / SphereFace from --lambda_*: a `LambdaDecay`, or the
-  constant --lambda_min when --lambda_base=0."""
-  if FLAGS.lambda_base == 0:
-    return FLAGS.lambda_min
-  return tlm.LambdaDecay(
-      FLAGS.lambda_base, FLAGS.lambda_gamma, FLAGS.lambda_power, FLAGS.lambda_min
-  )
-
-
 def make_loss():
   """The --loss with its flags."""
   if FLAGS.loss == "xent":
@@ -378,7 +358,7 @@ def make_loss():
     values = {name: FLAGS[flag].value for name, flag in arguments.items()}
     kwargs = {name: v for name, v in values.items() if v is not None}
     if issubclass(loss, tlm.LSoftmax):
-      kwargs["lambda_"] = annealing_lambda()
+      kwargs["lambda_"] = lambda_flags.annealing_lambda()
     return loss(**kwargs)
   dist_norm = np.inf if FLAGS.dist_norm == "inf" else int(FLAGS.dist_norm)
   return tlm.LargeMarginLoss(
@@ -540,10 +520,11 @@ def make_callbacks(directory, has_validation):
 
 
 def script_flags():
-  """{name: value} of the flags of this module and of the running script."""
+  """{name: value} of the flags of this module, of `lambda_flags` and of the
+  running script."""
   names = [
       f.name
-      for module in (__name__, sys.argv[0])
+      for module in (__name__, lambda_flags.__name__, sys.argv[0])
       for f in FLAGS.get_flags_for_module(module)
   ]
   return {name: FLAGS[name].value for name in sorted(names)}

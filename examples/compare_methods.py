@@ -37,6 +37,8 @@ from tf_large_margin import datasets
 from tf_large_margin import margins
 from tf_large_margin import regularizers
 
+import lambda_flags
+
 METHODS = (
     "weight_decay",
     "hinge",
@@ -61,14 +63,6 @@ flags.DEFINE_float("jacobian_weight", 0.1, "Jacobian regulariser weight lambda."
 flags.DEFINE_float(
     "gamma", 2.0, "Eq. 10 margin gamma at the input (l2, pixels in [0, 1])."
 )
-flags.DEFINE_float(
-    "lambda_base",
-    1000.0,
-    "lsoftmax / sphereface: lambda at step 0 (0: constant lambda = --lambda_min).",
-)
-flags.DEFINE_float("lambda_gamma", 0.12, "lsoftmax / sphereface: lambda decay rate.")
-flags.DEFINE_float("lambda_power", 1.0, "lsoftmax / sphereface: lambda decay power.")
-flags.DEFINE_float("lambda_min", 5.0, "lsoftmax / sphereface: floor of lambda.")
 flags.DEFINE_integer("num_test", 10000, "Test images evaluated (accuracy).")
 flags.DEFINE_integer("num_margin", 1000, "Test images whose margins are estimated.")
 flags.DEFINE_integer("seed", 0, "Seed of the subset, initialisation and shuffling.")
@@ -95,15 +89,6 @@ def sokolic_cnn(head_config=None):
   return inputs, head(features)
 
 
-def annealing_lambda():
-  """lambda_ of lsoftmax / sphereface from the --lambda_* flags."""
-  if FLAGS.lambda_base == 0:
-    return FLAGS.lambda_min
-  return tlm.LambdaDecay(
-      FLAGS.lambda_base, FLAGS.lambda_gamma, FLAGS.lambda_power, FLAGS.lambda_min
-  )
-
-
 def build(method):
   """The compiled model of one method."""
   keras.utils.set_random_seed(FLAGS.seed)
@@ -117,8 +102,8 @@ def build(method):
       ),
       "amsoftmax": tlm.AMSoftmax(margin=0.35, scale=30.0),
       "arcface": tlm.ArcFace(margin=0.5, scale=30.0),
-      "lsoftmax": tlm.LSoftmax(m=2, lambda_=annealing_lambda()),
-      "sphereface": tlm.SphereFace(m=4, lambda_=annealing_lambda()),
+      "lsoftmax": tlm.LSoftmax(m=2, lambda_=lambda_flags.annealing_lambda()),
+      "sphereface": tlm.SphereFace(m=4, lambda_=lambda_flags.annealing_lambda()),
   }[method]
   inputs, outputs = sokolic_cnn(getattr(loss, "head_config", None))
   if method == "jacobian":

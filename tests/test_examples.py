@@ -194,6 +194,10 @@ def test_mnist_test_accuracy_of_lsoftmax_and_sphereface_heads(tmp_path):
     assert model.loss.lambda_.get_config() == dict(
         base=base, gamma=gamma, power=power, lambda_min=lambda_min
     )
+    assert (results["flags"]["lambda_gamma"], results["flags"]["lambda_min"]) == (
+        gamma,
+        lambda_min,
+    )
     np.testing.assert_allclose(
         [row["lambda"] for row in results["history"]],
         [max(lambda_min, base / (1 + gamma * step) ** power) for step in (2, 5)],
