@@ -171,8 +171,12 @@ class TestAggregation:
   def test_identity_shrinkage_is_minus_distance(self):
     z = tf.constant(LOGITS)
     probs = tf.nn.softmax(z)
-    diff, idx = margin.top_k_probability_differences(probs, tf.one_hot(LABELS, 5), 3)
-    grads = margin.probability_difference_cotangents(probs, tf.one_hot(LABELS, 5), idx)
+    diff, competitors = margin.top_k_probability_differences(
+        probs, tf.one_hot(LABELS, 5), 3
+    )
+    grads = margin.probability_difference_cotangents(
+        probs, tf.one_hot(LABELS, 5), competitors
+    )
     norms = np.stack([np.abs(g.numpy()).max(axis=1) for g in grads], axis=1)  # linf
     distances = diff.numpy() / (norms + 1e-8)
     np.testing.assert_allclose(

@@ -283,11 +283,75 @@ def test_logit_space_matches_large_margin_at_logits():
 
 def test_top_k_ties_take_lowest_index():
   probs = tf.constant([[0.4, 0.2, 0.2, 0.2]])
-  diff, idx = margin.top_k_probability_differences(
+  diff, competitors = margin.top_k_probability_differences(
       probs, tf.constant([[1.0, 0.0, 0.0, 0.0]]), 2
   )
-  np.testing.assert_array_equal(idx.numpy(), [[1, 2]])
+  np.testing.assert_array_equal(competitors.numpy(), [[[0, 1, 0, 0], [0, 0, 1, 0]]])
   np.testing.assert_allclose(diff.numpy(), [[0.2, 0.2]])
+
+
+def original_top1_tie_loss(logits, label, gamma, alpha_factor, epsilon):
+  """The original's top_k = 1 loss at the logits, transcribed in numpy.
+
+  Its competitor is reduce_max(p * (1 - one_hot)), whose gradient TensorFlow
+  shares equally among tied entries: d(p_y - max)/dp = one_hot - tied / count.
+  """
+  p = np.exp(logits - logits.max())
+  p /= p.sum()
+  one_hot = np.eye(len(p))[label]
+  others = p * (1 - one_hot)
+  tied = (others == others.max()).astype(float)
+  v = one_hot - tied / tied.sum() * (1 - one_hot)
+  cotangent = p * v - p * (p @ v)  # softmax Jacobian times v
+  d = (p[label] - others.max()) / (np.abs(cotangent).sum() + epsilon)  # linf: l1
+  return max(0.0, gamma - max(d, gamma * (1 - alpha_factor))) - gamma
+
+
+def test_top1_exact_ties_share_the_gradient_like_reduce_max():
+  """logits [0.5, 2, 2, -1], label 0: classes 1 and 2 tie for the max; the
+  original's denominator is |J (e_0 - (e_1 + e_2) / 2)|_1, not |J (e_0 - e_1)|_1."""
+  logits = tf.constant([[0.5, 2.0, 2.0, -1.0]], tf.float64)
+  one_hot = tf.constant([[1.0, 0.0, 0.0, 0.0]], tf.float64)
+  kwargs = dict(gamma=10.0, alpha_factor=4.0, top_k=1, dist_norm=np.inf, epsilon=1e-6)
+  with tf.GradientTape() as outer:
+    outer.watch(logits)
+    with tf.GradientTape(persistent=True) as tape:
+      tape.watch(logits)
+      z = tf.identity(logits)
+    loss = margin.large_margin(
+        logits=z, one_hot_labels=one_hot, layers_list=[z], tape=tape, **kwargs
+    )
+  expected = original_top1_tie_loss(
+      logits.numpy()[0], 0, 10.0, 4.0, 1e-6
+  )
+  lowest_index = original_top1_tie_loss(
+      np.array([0.5, 2.0, 2.0 - 1e-12, -1.0]), 0, 10.0, 4.0, 1e-6
+  )
+  assert abs(expected - lowest_index) > 1e-3  # the two rules differ here
+  np.testing.assert_allclose(loss.numpy(), expected, rtol=1e-12)
+  # Gradient (stop-gradient denominator): d loss / d z = -(1/n) dp/dz (e_0 - tie/2).
+  grad = outer.gradient(loss, logits).numpy()[0]
+  p = tf.nn.softmax(logits).numpy()[0]
+  v = np.array([1.0, -0.5, -0.5, 0.0])
+  cotangent = p * v - p * (p @ v)
+  norm = np.abs(cotangent).sum()
+  np.testing.assert_allclose(grad, -cotangent / (norm + 1e-6), rtol=1e-10)
+  np.testing.assert_allclose(
+      margin.logit_margin_per_example(logits=logits, one_hot_labels=one_hot, **kwargs),
+      [expected],
+      rtol=1e-12,
+  )
+
+
+def test_top1_all_other_probabilities_zero_counts_the_label_as_tied():
+  """Saturated softmax: every other masked probability is 0, and so is the label's
+  masked entry: TF's reduce_max gradient is shared by all C entries, the label's
+  share is masked out; the competitor weights are 1/C on the other classes."""
+  probs = tf.constant([[1.0, 0.0, 0.0]])
+  _, competitors = margin.top_k_probability_differences(
+      probs, tf.constant([[1.0, 0.0, 0.0]]), 1
+  )
+  np.testing.assert_allclose(competitors.numpy(), [[[1 / 3, 1 / 3, 1 / 3]]])
 
 
 def test_half_precision_logits_give_float32_finite_loss():

@@ -3,6 +3,7 @@
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from tf_large_margin.optimizers import RMSpropTF1
 
@@ -56,3 +57,30 @@ def test_config_round_trip():
   restored = keras.optimizers.deserialize(keras.optimizers.serialize(optimizer))
   assert isinstance(restored, RMSpropTF1)
   np.testing.assert_allclose(run(restored), run(optimizer), rtol=1e-6)
+
+
+def test_fit_starts_the_accumulators_at_one():
+  """`fit` builds the optimizer symbolically: the rms slots must still start at 1.
+
+  One fit step of a linear model against the TF1 kernel applied by hand to the
+  gradient of the same batch (an optimizer whose slots start at 0 takes a step of
+  about 3 lr sign(g) instead, and leaves 0.1 g^2 in the slot).
+  """
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(8, 3)).astype("float32")
+  y = rng.normal(size=(8, 2)).astype("float32")
+  model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+  start = [w.numpy().astype("float64") for w in model.trainable_weights]
+  with tf.GradientTape() as tape:
+    loss = keras.losses.MeanSquaredError()(y, model(x))
+  grads = [g.numpy().astype("float64") for g in tape.gradient(loss, model.trainable_weights)]
+  model.compile(RMSpropTF1(0.1, rho=0.9, epsilon=1e-2), loss="mse")
+  model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+  slots = [v for v in model.optimizer.variables if "velocity" in v.path]
+  assert len(slots) == 2
+  for w0, g, w, slot in zip(start, grads, model.trainable_weights, slots):
+    ms = 0.9 * 1.0 + 0.1 * g**2
+    np.testing.assert_allclose(slot.numpy(), ms, rtol=1e-6)
+    np.testing.assert_allclose(
+        w.numpy(), w0 - 0.1 * g / np.sqrt(ms + 1e-2), rtol=1e-5, atol=1e-7
+    )

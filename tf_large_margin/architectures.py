@@ -2,23 +2,43 @@
 
 import keras
 
+from tf_large_margin.normalization import BatchNormalizationTF1
+
 
 def mnist_cnn(num_classes=10, input_shape=(28, 28, 1), name="mnist_cnn"):
-  """The MNIST CNN of Elsayed et al. 2018 (the original code's model).
+  """The MNIST CNN of Elsayed et al. 2018, layer for layer as the original code.
 
-  Two blocks of 5x5 convolution (32 then 64 filters, same padding, no bias), batch
-  normalisation, ReLU and 2x2 max-pooling, then a 512-unit ReLU layer and the
-  logits. The blocks' outputs are the layers named "conv0" and "conv1" (the margin
-  layers of the original MNIST configuration, with "input").
+  Per block i = 0, 1 (32 then 64 filters), as the original `MNISTNetwork` with
+  batch norm on:
+
+      conv{i}_conv  5x5 convolution, same padding, no bias, ReLU
+      conv{i}_relu  ReLU again (the original applies the activation twice)
+      conv{i}_pool  2x2 max-pooling, stride 2
+      conv{i}       batch normalisation (momentum 0.9, epsilon 1e-5), moving
+                    variance updated as TF1 (`BatchNormalizationTF1`)
+
+  then flatten, "fc0" (512 units, ReLU) and "logits" (``num_classes`` units). The
+  block outputs "conv0" [14, 14, 32] and "conv1" [7, 7, 64] are the batch-norm
+  outputs: the original's margin endpoints ``conv_layer0`` / ``conv_layer1``, which
+  with "input" are the margin layers of its MNIST configuration. Kernels are
+  Glorot-uniform, biases 0, as the original's defaults.
   """
   inputs = keras.Input(input_shape, name="image")
   h = inputs
   for i, filters in enumerate((32, 64)):
-    h = keras.layers.Conv2D(filters, 5, padding="same", use_bias=False)(h)
-    h = keras.layers.BatchNormalization()(h)
-    h = keras.layers.ReLU()(h)
-    h = keras.layers.MaxPooling2D(2, name=f"conv{i}")(h)
-  h = keras.layers.Dense(512, activation="relu", name="fc0")(keras.layers.Flatten()(h))
+    h = keras.layers.Conv2D(
+        filters,
+        5,
+        padding="same",
+        use_bias=False,
+        activation="relu",
+        name=f"conv{i}_conv",
+    )(h)
+    h = keras.layers.ReLU(name=f"conv{i}_relu")(h)
+    h = keras.layers.MaxPooling2D(2, name=f"conv{i}_pool")(h)
+    h = BatchNormalizationTF1(momentum=0.9, epsilon=1e-5, name=f"conv{i}")(h)
+  h = keras.layers.Flatten(name="flatten")(h)
+  h = keras.layers.Dense(512, activation="relu", name="fc0")(h)
   logits = keras.layers.Dense(num_classes, name="logits", dtype="float32")(h)
   return keras.Model(inputs, logits, name=name)
 

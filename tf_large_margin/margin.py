@@ -58,7 +58,17 @@ def flat_norm(x, ord):  # pylint: disable=redefined-builtin
 
 
 def top_k_probability_differences(probs, one_hot_labels, top_k):
-  """p_y - p_(j) for the k most probable other classes.
+  """p_y - p_(j) for the k most probable other classes, and who the competitors are.
+
+  As the original: the other classes' probabilities are ``p * (1 - one_hot)``;
+  for ``top_k`` = 1 the competitor is their ``reduce_max``, for ``top_k`` > 1 the
+  columns of ``tf.math.top_k``. The returned competitor weights w_j are what the
+  derivative of p_(j) w.r.t. those masked probabilities is in TensorFlow:
+
+  - top_k = 1: the max's gradient is shared equally by tied entries,
+    w = [p_i (1 - y_i) == max] / (number of tied entries) (with all other
+    probabilities 0, the label's own masked 0 counts as tied, as in TF);
+  - top_k > 1: one-hot of the j-th index (ties: lowest index first).
 
   Args:
     probs: [batch, classes] softmax probabilities.
@@ -66,32 +76,34 @@ def top_k_probability_differences(probs, one_hot_labels, top_k):
     top_k: number of competing classes.
 
   Returns:
-    ``(differences, indices)``, both [batch, top_k]: p_y - p_(j) and the class index
-    of the j-th most probable other class (ties: lowest index first, as
-    ``tf.math.top_k``).
+    ``(differences, competitors)``: [batch, top_k] p_y - p_(j), and [batch, top_k,
+    classes] weights w_j with p_(j) = sum_i w_j,i p_i (1 - y_i).
   """
   correct_prob = tf.reduce_sum(probs * one_hot_labels, axis=1, keepdims=True)
   other_probs = probs * (1.0 - one_hot_labels)
-  top_probs, indices = tf.math.top_k(other_probs, k=top_k)
-  return correct_prob - top_probs, indices
+  if top_k == 1:
+    top_probs = tf.reduce_max(other_probs, axis=1, keepdims=True)
+    tied = tf.cast(tf.equal(other_probs, top_probs), probs.dtype)
+    competitors = (tied / tf.reduce_sum(tied, axis=1, keepdims=True))[:, None, :]
+  else:
+    top_probs, indices = tf.math.top_k(other_probs, k=top_k)
+    competitors = tf.one_hot(indices, tf.shape(probs)[1], dtype=probs.dtype)
+  return correct_prob - top_probs, competitors
 
 
-def probability_difference_cotangents(probs, one_hot_labels, indices):
-  """d(p_y - p_(j)) / d logits for each column j of ``indices``.
+def probability_difference_cotangents(probs, one_hot_labels, competitors):
+  """d(p_y - p_(j)) / d logits for each competitor j.
 
-  With p_y = sum(p * one_hot) and p_(j) = p_i * (1 - one_hot_i) for i = indices[:, j]
-  (as in `top_k_probability_differences`), the derivative w.r.t. the logits is
-  J v_j with J = diag(p) - p p^T the softmax Jacobian and
-  v_j = one_hot - (1 - one_hot_i) e_i.
+  With p_y = sum(p * one_hot) and p_(j) = sum_i w_j,i p_i (1 - y_i) (the weights of
+  `top_k_probability_differences`), the derivative w.r.t. the logits is J v_j with
+  J = diag(p) - p p^T the softmax Jacobian and v_j = one_hot - w_j * (1 - one_hot).
 
   Returns:
-    A list of ``indices.shape[1]`` tensors of shape [batch, classes].
+    A list of ``competitors.shape[1]`` tensors of shape [batch, classes].
   """
-  num_classes = tf.shape(probs)[1]
   cotangents = []
-  for j in range(indices.shape[1]):
-    other = tf.one_hot(indices[:, j], num_classes, dtype=probs.dtype)
-    v = one_hot_labels - other * (1.0 - one_hot_labels)
+  for j in range(competitors.shape[1]):
+    v = one_hot_labels - competitors[:, j] * (1.0 - one_hot_labels)
     cotangents.append(
         probs * v - probs * tf.reduce_sum(probs * v, axis=1, keepdims=True)
     )
@@ -358,8 +370,10 @@ def margin_distances(
   dual = dual_norm(dist_norm)
 
   probs = tf.nn.softmax(tf.cast(logits, one_hot_labels.dtype))
-  differences, indices = top_k_probability_differences(probs, one_hot_labels, top_k)
-  cotangents = probability_difference_cotangents(probs, one_hot_labels, indices)
+  differences, competitors = top_k_probability_differences(
+      probs, one_hot_labels, top_k
+  )
+  cotangents = probability_difference_cotangents(probs, one_hot_labels, competitors)
 
   # gradients[l][j]: grad_{h_l} (p_y - p_(j)), one backward pass per class j.
   gradients = [[] for _ in layers_list]
@@ -529,8 +543,10 @@ def logit_margin_per_example(
   logits, one_hot_labels = _check_logits_and_labels(logits, one_hot_labels)
   _check_hyperparameters(top_k, logits.shape[1], dist_norm, 1, None)
   probs = tf.nn.softmax(tf.cast(logits, one_hot_labels.dtype))
-  differences, indices = top_k_probability_differences(probs, one_hot_labels, top_k)
-  cotangents = probability_difference_cotangents(probs, one_hot_labels, indices)
+  differences, competitors = top_k_probability_differences(
+      probs, one_hot_labels, top_k
+  )
+  cotangents = probability_difference_cotangents(probs, one_hot_labels, competitors)
   distances = _distances(
       differences, cotangents, dual_norm(dist_norm), 1.0, epsilon, use_approximation
   )

@@ -42,8 +42,25 @@ class RMSpropTF1(keras.optimizers.RMSprop):
     )
 
   def build(self, var_list):
+    """Creates the slots; the rms accumulators start at 1 (TF1), not at 0 (Keras).
+
+    The slots are created with a ones initializer rather than assigned after
+    creation: `fit` builds the optimizer symbolically, where an assignment made
+    during the build does not persist.
+    """
     if self.built:
       return
-    super().build(var_list)
-    for velocity in self._velocities:
-      velocity.assign(keras.ops.ones_like(velocity))
+    # The base optimizer's build (iterations, learning rate), without RMSprop's
+    # zero-initialised slots.
+    super(keras.optimizers.RMSprop, self).build(var_list)
+    self._velocities = self.add_optimizer_variables(
+        var_list, "velocity", initializer="ones"
+    )
+    self._momentums = (
+        self.add_optimizer_variables(var_list, "momentum") if self.momentum > 0 else []
+    )
+    self._average_gradients = (
+        self.add_optimizer_variables(var_list, "average_gradient")
+        if self.centered
+        else []
+    )
