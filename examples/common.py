@@ -18,7 +18,6 @@ flags, advanced by a `tf_large_margin.LambdaScheduler` callback).
 
 import csv
 import json
-import math
 import os
 import sys
 import time
@@ -304,8 +303,9 @@ def _shardable(dataset):
 
 
 def numpy_pipelines(splits, augment=None):
-  """tf.data pipelines of ``load_splits``' arrays: (train (repeated), validation or
-  None, test) and the number of training examples."""
+  """tf.data pipelines of ``load_splits``' arrays: (train, validation or None,
+  test) and the number of training examples. The training examples are repeated
+  before batching, as the original code: every batch is full."""
 
   def pipeline(split, training):
     x, y = split
@@ -317,12 +317,13 @@ def numpy_pipelines(splits, augment=None):
             training,
             augment=augment if training else None,
             seed=FLAGS.seed,
+            repeat=training,
         )
     )
 
   validation = splits["validation"]
   return (
-      pipeline(splits["train"], True).repeat(),
+      pipeline(splits["train"], True),
       None if validation is None else pipeline(validation, False),
       pipeline(splits["test"], False),
       len(splits["train"][1]),
@@ -457,9 +458,22 @@ def compile_model(network, all_margin_layers, train_steps):
 
 
 def schedule(num_train_examples):
-  """(loops, steps per loop) from --epochs or --train_steps / --steps_per_loop."""
-  if FLAGS.epochs > 0:
-    return FLAGS.epochs, math.ceil(num_train_examples / FLAGS.batch_size)
+  """(loops, steps per loop) from --epochs or --train_steps / --steps_per_loop.
+
+  A flag typed on the command line wins over a --config default: --train_steps
+  typed alone trains that many steps even where the config sets --epochs; typing
+  both a positive --epochs and --train_steps is an error.
+  """
+  typed_steps, typed_epochs = FLAGS["train_steps"].present, FLAGS["epochs"].present
+  if typed_steps and typed_epochs and FLAGS.epochs > 0:
+    raise ValueError(
+        f"--epochs={FLAGS.epochs} and --train_steps={FLAGS.train_steps} conflict: "
+        "give one of them."
+    )
+  if FLAGS.epochs > 0 and not (typed_steps and not typed_epochs):
+    # As the original: num_examples // batch_size steps per epoch (batches are
+    # full and may span two epochs, see numpy_pipelines).
+    return FLAGS.epochs, max(1, num_train_examples // FLAGS.batch_size)
   steps_per_loop = min(FLAGS.steps_per_loop, FLAGS.train_steps)
   if steps_per_loop < 1 or FLAGS.train_steps % steps_per_loop:
     raise ValueError(

@@ -51,3 +51,38 @@ def test_evenly_spaced():
   assert architectures.evenly_spaced(names, 0) == []
   with pytest.raises(ValueError, match="Cannot pick 28 of 27"):
     architectures.evenly_spaced(names, 28)
+
+
+def test_mnist_cnn_is_the_original_network():
+  """conv(ReLU) -> ReLU -> max-pool -> BN per block; the endpoints are the BN outputs."""
+  model = architectures.mnist_cnn()
+  kinds = [(type(l).__name__, l.name) for l in model.layers]
+  assert kinds == [
+      ("InputLayer", "image"),
+      ("Conv2D", "conv0_conv"),
+      ("ReLU", "conv0_relu"),
+      ("MaxPooling2D", "conv0_pool"),
+      ("BatchNormalizationTF1", "conv0"),
+      ("Conv2D", "conv1_conv"),
+      ("ReLU", "conv1_relu"),
+      ("MaxPooling2D", "conv1_pool"),
+      ("BatchNormalizationTF1", "conv1"),
+      ("Flatten", "flatten"),
+      ("Dense", "fc0"),
+      ("Dense", "logits"),
+  ]
+  for i, filters in enumerate((32, 64)):
+    conv = model.get_layer(f"conv{i}_conv")
+    assert (conv.filters, conv.kernel_size, conv.padding, conv.use_bias) == (
+        filters,
+        (5, 5),
+        "same",
+        False,
+    )
+    assert conv.activation is keras.activations.relu
+    bn = model.get_layer(f"conv{i}")
+    assert (bn.momentum, bn.epsilon) == (0.9, 1e-5)
+  assert tuple(model.get_layer("conv0").output.shape[1:]) == (14, 14, 32)
+  assert tuple(model.get_layer("conv1").output.shape[1:]) == (7, 7, 64)
+  assert model.get_layer("fc0").activation is keras.activations.relu
+  assert model.count_params() == 800 + 4 * 32 + 51200 + 4 * 64 + 3136 * 512 + 512 + 5130

@@ -630,6 +630,20 @@ def test_make_tf_dataset_training_shuffles_reproducibly(cache):
   np.testing.assert_array_equal(np.concatenate(collect(again)[1]), epoch1)
 
 
+def test_make_tf_dataset_repeat_before_batch_keeps_every_batch_full():
+  """As the original's shuffle().repeat().batch(): 10 examples in batches of 4
+  give full batches, one spanning two epochs, each epoch a permutation."""
+  x = np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1)
+  dataset = datasets.make_tf_dataset(
+      x, np.arange(10), 4, training=True, seed=3, repeat=True
+  )
+  labels = np.concatenate([b[1] for b in dataset.take(5).as_numpy_iterator()])
+  assert labels.shape == (20,)
+  assert sorted(labels[:10]) == list(range(10))
+  assert sorted(labels[10:]) == list(range(10))
+  assert not np.array_equal(labels[:10], labels[10:])  # reshuffled per epoch
+
+
 def _crop_kind(augmented, original, pad=4):
   """Returns "plain" or "flipped" if `augmented` is a crop of zero-padded
   `original` (flipped left-right or not), else None."""

@@ -250,10 +250,12 @@ def test_compare_methods_with_lsoftmax_and_sphereface(tmp_path):
 
 
 def test_mnist_original_config_and_overrides(tmp_path):
+  """--train_steps typed on the command line wins over the config's epochs=200."""
   results, stdout = run_example(
-      "mnist.py", tmp_path, "--config=original", "--epochs=0", "--gamma=3", *FAST
+      "mnist.py", tmp_path, "--config=original", "--gamma=3", *FAST
   )
   check_common_results(results, stdout, tmp_path)
+  assert results["train_steps"] == 4
   flags = results["flags"]
   assert flags["gamma"] == 3.0  # the command line wins over the config
   assert (
@@ -269,6 +271,20 @@ def test_mnist_original_config_and_overrides(tmp_path):
   model = keras.saving.load_model(tmp_path / "model.keras")
   assert type(model.optimizer).__name__ == "RMSpropTF1"
   assert model.layers_weights == "size"
+
+
+def test_mnist_conflicting_epochs_and_train_steps_is_an_error(tmp_path):
+  process = run(
+      [
+          os.path.join(EXAMPLES, "mnist.py"),
+          f"--model_dir={tmp_path}",
+          "--epochs=2",
+          *FAST,
+      ],
+      check=False,
+  )
+  assert process.returncode != 0
+  assert "--epochs=2 and --train_steps=4 conflict" in process.stderr
 
 
 def test_mnist_mirrored_on_two_logical_cpus(tmp_path):

@@ -1,5 +1,7 @@
 """Margin estimates against exact distances on affine classifiers; DeepFool vs PGD."""
 
+import contextlib
+
 import keras
 import numpy as np
 import pytest
@@ -203,6 +205,98 @@ def test_deepfool_flips_a_relu_network_and_is_no_larger_than_pgd(norm):
   assert ratio.max() < 2.0
 
 
+@contextlib.contextmanager
+def dtype_policy(name):
+  """Keras's global dtype policy set to ``name`` inside the block."""
+  keras.mixed_precision.set_dtype_policy(name)
+  try:
+    yield
+  finally:
+    keras.mixed_precision.set_dtype_policy("float32")
+
+
+@pytest.mark.parametrize(
+    "policy,dtype,rtol",
+    [("mixed_float16", "float16", 1e-2), ("mixed_bfloat16", "bfloat16", 5e-2)],
+)
+@pytest.mark.parametrize("norm", NORMS)
+def test_half_precision_logits_give_the_float32_margins(policy, dtype, rtol, norm):
+  """A model with float16 (bfloat16) logits: float32 margins, finite, close to those
+  of the same weights in float32 where the rounding of the logits (eps |z|, eps =
+  2^-10 or 2^-7) is small next to the logit gap and DeepFool's first choice of
+  boundary is unambiguous (a near tie sends the two models down different paths)."""
+  with dtype_policy(policy):
+    half, x, _ = relu_problem()
+  full, _, labels = relu_problem()
+  full.set_weights(half.get_weights())
+  assert half(x).dtype == dtype
+
+  linearized = margins.linearized_margins(half, x, labels, norm)
+  x_adv, distances = margins.deepfool(half, x, labels, norm=norm)
+  assert linearized.dtype == np.float32 and distances.dtype == np.float32
+  assert x_adv.dtype == tf.float32
+  assert np.all(np.isfinite(linearized)) and np.all(np.isfinite(distances))
+  assert np.all(np.argmax(half(x_adv), axis=1) != labels)
+
+  xt = tf.constant(x)
+  with tf.GradientTape() as tape:
+    tape.watch(xt)
+    logits = full(xt)
+  _, _, boundaries = margins.linearized_boundaries(
+      logits, tape.batch_jacobian(logits, xt), labels, norm
+  )
+  nearest = np.sort(np.abs(boundaries.numpy()), axis=1)
+  top = np.sort(logits.numpy(), axis=1)
+  keep = (top[:, -1] - top[:, -2] > 0.3 * np.abs(top).max(axis=1)) & (
+      nearest[:, 1] > 1.02 * nearest[:, 0]
+  )
+  assert keep.sum() >= 20
+  np.testing.assert_allclose(
+      linearized[keep],
+      margins.linearized_margins(full, x, labels, norm)[keep],
+      rtol=rtol,
+  )
+  np.testing.assert_allclose(
+      distances[keep],
+      margins.deepfool(full, x, labels, norm=norm)[1][keep],
+      rtol=rtol,
+  )
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_float64_logits(norm):
+  w, b, x = affine_problem(classes=4)
+  model = keras.Sequential(
+      [keras.Input((DIM,), dtype="float64"), keras.layers.Dense(4, dtype="float64")]
+  )
+  model.layers[0].set_weights([w, b])
+  labels = np.argmax(model(x), axis=1)
+  exact = exact_distance(w, b, x, labels, norm)
+  linearized = margins.linearized_margins(model, x, labels, norm)
+  assert linearized.dtype == np.float64
+  np.testing.assert_allclose(linearized, exact, rtol=1e-6)
+  _, distances = margins.deepfool(model, x, labels, norm=norm)
+  assert distances.dtype == np.float32
+  np.testing.assert_allclose(distances, 1.02 * exact, rtol=1e-5)
+
+
+def test_deepfool_step_covers_the_logit_resolution():
+  """On a tie of rounded logits (f = 0, prediction unchanged) the plain step is 0;
+  with a resolution the step reaches f = resolution on the linearised boundary."""
+  logits = tf.constant([[1.0, 1.0, -0.5]], tf.float16)
+  gradients = tf.constant([[[1.0, 0.0], [0.0, 2.0], [0.0, 0.0]]])
+  labels = tf.constant([0])
+  np.testing.assert_array_equal(
+      margins.deepfool_step(logits, gradients, labels, 2), [[0.0, 0.0]]
+  )
+  resolution = margins.logit_resolution(logits)
+  np.testing.assert_allclose(resolution, [2.0**-10])
+  step = margins.deepfool_step(logits, gradients, labels, 2, resolution)
+  assert step.dtype == tf.float32
+  # w = grad z_1 - grad z_0 = (-1, 2): r = resolution / ||w||_2 * w / ||w||_2.
+  np.testing.assert_allclose(step, [[-(2.0**-10) / 5, 2 * 2.0**-10 / 5]], rtol=1e-6)
+
+
 def test_dataset_margins_and_summaries():
   model, x, labels = relu_problem(n=30)
   labels[:6] = (labels[:6] + 1) % 4  # 6 misclassified
@@ -216,7 +310,7 @@ def test_dataset_margins_and_summaries():
   np.testing.assert_allclose(
       result["linearized"],
       margins.linearized_margins(model, x, labels, np.inf),
-      rtol=1e-6,
+      rtol=1e-5,  # float32 matmuls round differently for batches of 8 and of 30
   )
   np.testing.assert_array_equal(result["correct"], np.arange(30) >= 6)
   direct, _ = margins.first_order_margins(model, x, labels, dist_norm=np.inf)

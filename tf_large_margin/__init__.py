@@ -4,9 +4,17 @@ Elsayed et al., "Large Margin Deep Networks for Classification", NeurIPS 2018, a
 related margin methods. Modules: `margin` (Eq. 10), `losses` (the Keras loss),
 `models` (MarginModel), `jacobian` (Sokolic et al.'s regulariser), `output_margin`
 (hinge and margin-softmax losses), `layers` (CosineHead), `datasets`,
-`architectures`, `distribute`.
+`architectures` (the papers' networks), `normalization` (TF1 batch norm),
+`optimizers` (TF1 RMSProp), `regularizers` (TF1 weight decay), `original_recipe`
+(the original MNIST training recipe), `distribute`. Importing the package registers
+every class a saved model may refer to.
 """
 
+from tf_large_margin import architectures
+from tf_large_margin import normalization
+from tf_large_margin import optimizers
+from tf_large_margin import original_recipe
+from tf_large_margin import regularizers
 from tf_large_margin.jacobian import JacobianModel
 from tf_large_margin.layers import CosineHead
 from tf_large_margin.losses import LargeMarginLoss

@@ -516,22 +516,27 @@ def _cifar_augment(example, random_value):
 _AUGMENTATIONS = {"cifar": _cifar_augment}
 
 
-def make_tf_dataset(x, y, batch_size, training, augment=None, seed=None, cache=True):
+def make_tf_dataset(
+    x, y, batch_size, training, augment=None, seed=None, cache=True, repeat=False
+):
   """Builds a batched tf.data pipeline of float32 [0, 1] images and int64 labels.
 
   Args:
     x: uint8 images (N, H, W, C).
     y: integer labels (N,).
-    batch_size: examples per batch (the last batch may be smaller).
+    batch_size: examples per batch (without ``repeat`` the last batch may be
+      smaller).
     training: shuffle (seeded, reshuffled each epoch) and augment if True;
-      otherwise keep the order. The data set is not repeated: Keras handles
-      epochs.
+      otherwise keep the order.
     augment: None, or "cifar" for zero padding by 4 pixels, a random crop
       back to the original size and a random horizontal flip, drawn
       independently per example and epoch (training only).
     seed: seed for shuffling and augmentation (None: not reproducible).
     cache: keep the scaled float32 examples in memory after the first epoch
       (4 bytes per pixel) instead of converting them again every epoch.
+    repeat: repeat the examples forever *before* batching, as the original
+      code's ``shuffle().repeat().batch()``: every batch is full and a batch may
+      span two epochs (each epoch reshuffled when ``training``).
 
   Returns:
     A tf.data.Dataset of (images, labels) batches.
@@ -549,6 +554,8 @@ def make_tf_dataset(x, y, batch_size, training, augment=None, seed=None, cache=T
     dataset = dataset.cache()
   if training:
     dataset = dataset.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+  if repeat:
+    dataset = dataset.repeat()
   if augment is not None:
     randoms = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
     dataset = tf.data.Dataset.zip(dataset, randoms).map(

@@ -11,6 +11,11 @@ with v_i either a row of V drawn at random per example ("random") or every row i
 turn, summed ("all"). Each term is one vector-Jacobian product per example and
 class direction (no full Jacobians). The paper also penalises the classifier
 matrix, mu ||V||_F^2.
+
+Half-precision features (mixed precision, float16 or bfloat16) are cast to float32
+while the tape records, so the penalty and its norms are computed in float32. The
+norms use the subgradient 0 at 0 (`safe_norm`): an example whose feature Jacobian
+vanishes (a dead ReLU layer) adds 0 to the penalty and to its gradient, not NaN.
 """
 
 import keras
@@ -24,8 +29,44 @@ from tf_large_margin.models import layer_outputs_model
 VARIANTS = ("random", "all")
 
 
+def working_dtype(dtype):
+  """The dtype the penalty is computed in: float32 for float16, bfloat16 and float32
+  tensors, the tensors' own dtype otherwise (float64)."""
+  dtype = tf.as_dtype(dtype)
+  return tf.float32 if dtype.size < 4 else dtype
+
+
+def safe_norm(x, axis, keepdims=False):
+  """Euclidean norm ||x||_2 = sqrt(sum x^2) along ``axis``, with gradient 0 at x = 0.
+
+  The value is `tf.norm`'s. Its gradient x / ||x||_2 is 0 / 0 = NaN where x = 0;
+  here that subgradient is 0 instead (a `tf.where` on both sides of the square
+  root keeps the unused branch finite).
+
+  Args:
+    x: a float tensor.
+    axis: the axis (or axes) reduced.
+    keepdims: keep the reduced axes with size 1.
+
+  Returns:
+    ||x||_2 along ``axis``, in the dtype of ``x``.
+  """
+  squares = tf.reduce_sum(tf.square(x), axis=axis, keepdims=keepdims)
+  positive = squares > 0
+  root = tf.sqrt(tf.where(positive, squares, tf.ones_like(squares)))
+  return tf.where(positive, root, tf.zeros_like(squares))
+
+
 def jacobian_penalty(inputs, features, classifier_kernel, tape, class_indices=None):
   """sum_i || (v / ||v||_2)^T J(x_i) ||_2 over the batch, J = d features / d inputs.
+
+  The norms use `safe_norm` (subgradient 0 where v^T J(x_i) = 0), and a zero
+  classifier row v contributes 0 (v / ||v||_2 is taken as 0). With half-precision
+  features the directions and norms are computed in float32 (`working_dtype`): the
+  cotangents are cast to the dtype of ``features``, the Jacobian rows to float32.
+  Under mixed precision, better cast the features to float32 while ``tape``
+  records (as `JacobianModel` does), so that the vector-Jacobian products start
+  from float32 cotangents.
 
   Args:
     inputs: [batch, ...] tensor watched by ``tape``.
@@ -39,10 +80,14 @@ def jacobian_penalty(inputs, features, classifier_kernel, tape, class_indices=No
       sum over all classes ("all" variant).
 
   Returns:
-    A scalar: the sum over the batch (and classes).
+    A scalar: the sum over the batch (and classes), in ``working_dtype(features)``.
   """
-  kernel = tf.cast(classifier_kernel, features.dtype)
-  directions = tf.transpose(kernel / tf.norm(kernel, axis=0, keepdims=True))  # [C, F]
+  dtype = working_dtype(features.dtype)
+  kernel = tf.cast(classifier_kernel, dtype)
+  directions = tf.transpose(  # [C, F]
+      tf.math.divide_no_nan(kernel, safe_norm(kernel, axis=0, keepdims=True))
+  )
+  directions = tf.cast(directions, features.dtype)
   if class_indices is None:
     cotangents = [
         tf.broadcast_to(direction, tf.shape(features))
@@ -58,7 +103,8 @@ def jacobian_penalty(inputs, features, classifier_kernel, tape, class_indices=No
           "The features do not depend on the inputs (gradient None): "
           "the tape must watch the inputs and record the features."
       )
-    total += tf.reduce_sum(tf.norm(tf.reshape(rows, [tf.shape(rows)[0], -1]), axis=1))
+    rows = tf.cast(tf.reshape(rows, [tf.shape(rows)[0], -1]), dtype)
+    total += tf.reduce_sum(safe_norm(rows, axis=1))
   return total
 
 
@@ -140,6 +186,9 @@ class JacobianModel(TotalLossStep, keras.Model):
     with tf.GradientTape(persistent=True) as tape:
       tape.watch(x)
       logits, features = self._endpoints(x, training=training)
+      # Mixed precision: the cast is recorded, so the vector-Jacobian products of
+      # the penalty start from float32 cotangents and reach x through it.
+      features = tf.cast(features, working_dtype(features.dtype))
     loss = self._compute_loss(
         x=x, y=y, y_pred=logits, sample_weight=sample_weight, training=training
     )
@@ -147,11 +196,12 @@ class JacobianModel(TotalLossStep, keras.Model):
     batch_size = tf.shape(x)[0]
     penalty = jacobian_penalty(
         x,
-        tf.cast(features, tf.float32),
+        features,
         kernel,
         tape,
         self._class_indices(batch_size, kernel.shape[-1]),
     )
+    penalty = tf.cast(penalty, tf.float32)
     penalty = scale_loss_for_distribution(
         self.jacobian_weight * penalty / tf.cast(batch_size, tf.float32)
     )

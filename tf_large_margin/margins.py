@@ -42,6 +42,12 @@ Three estimates of the distance of an example to the decision boundary:
 The batch functions take integer labels of shape [batch]; `dataset_margins` runs them
 over a data set and `summarize_margins` reduces the result, over correctly classified
 examples by default.
+
+Any float model works, including one with half-precision logits (mixed precision,
+float16 or bfloat16): the inputs are float32, and the linearisation (logits and their
+input gradients) is computed in float32, or in float64 for float64 logits
+(`working_dtype`). `linearized_margins` returns that dtype; DeepFool's perturbation
+and distances have the dtype of the inputs, float32.
 """
 
 import weakref
@@ -163,8 +169,38 @@ def first_order_margins(
 # ---------------------------------------------------------------------------
 
 
+def working_dtype(*tensors):
+  """The dtype of the margin computations on ``tensors``: float64 if one of them is
+  float64, float32 otherwise (float16, bfloat16 and float32 are widened to it)."""
+  return tf.float64 if any(t.dtype == tf.float64 for t in tensors) else tf.float32
+
+
+# Machine epsilon of the float dtypes logits may have.
+_EPSILON = {
+    tf.float16: 2.0**-10,
+    tf.bfloat16: 2.0**-7,
+    tf.float32: 2.0**-23,
+    tf.float64: 2.0**-52,
+}
+
+
+def logit_resolution(logits):
+  """The rounding error of the logits, per example: eps * max_k |z_k|.
+
+  eps is the machine epsilon of the logits' dtype (2^-10 for float16, 2^-7 for
+  bfloat16, 2^-23 for float32, 2^-52 for float64): logit differences smaller than
+  this are not resolved. Returns a [batch] tensor in `working_dtype` of ``logits``.
+  """
+  dtype = working_dtype(logits)
+  return _EPSILON[logits.dtype] * tf.reduce_max(tf.abs(tf.cast(logits, dtype)), axis=1)
+
+
 def _logits_and_class_gradients(model, x):
-  """``(logits [B, C], gradients [B, C, ...])``: grad_x z_k for every class k."""
+  """``(logits [B, C], gradients [B, C, ...])``: grad_x z_k for every class k.
+
+  The logits keep the model's dtype (float16 under mixed precision), the gradients
+  have the dtype of ``x``; `linearized_boundaries` widens both.
+  """
   with tf.GradientTape(persistent=True) as tape:
     tape.watch(x)
     logits = model(x, training=False)
@@ -187,8 +223,11 @@ def linearized_boundaries(logits, gradients, labels, norm):
 
   Returns:
     ``(f, w, d)``: [batch, classes], [batch, classes, ...] and [batch, classes];
-    d is inf at k = y and where w_k = 0.
+    d is inf at k = y and where w_k = 0. All in `working_dtype` of ``logits`` and
+    ``gradients`` (float32 for half-precision ones).
   """
+  dtype = working_dtype(logits, gradients)
+  logits, gradients = tf.cast(logits, dtype), tf.cast(gradients, dtype)
   num_classes = logits.shape[1]
   label_mask = tf.one_hot(labels, num_classes) > 0.0
   f = logits - tf.gather(logits, labels, axis=1, batch_dims=1)[:, None]
@@ -198,29 +237,46 @@ def linearized_boundaries(logits, gradients, labels, norm):
       margin.flat_norm(tf.reshape(w, [-1, dimension]), margin.dual_norm(norm)),
       [-1, num_classes],
   )
+  unreachable = label_mask | (w_norms == 0.0)
   distances = tf.where(
-      label_mask | (w_norms == 0.0), np.inf, -f / tf.where(w_norms == 0.0, 1.0, w_norms)
+      unreachable,
+      tf.constant(np.inf, dtype),
+      -f / tf.where(w_norms == 0.0, tf.ones_like(w_norms), w_norms),
   )
   return f, w, distances
 
 
-def deepfool_step(logits, gradients, labels, norm):
+def deepfool_step(logits, gradients, labels, norm, resolution=0.0):
   """One DeepFool step: onto the closest linearised boundary (`linearized_boundaries`).
 
-      l = argmin_{k != y} |d_k|,  r = |d_l| * u,  u = argmax_{||u||_p <= 1} <w_l, u>
+      l = argmin_{k != y} |d_k|,  r = max(|f_l|, resolution) / ||w_l||_q * u,
+      u = argmax_{||u||_p <= 1} <w_l, u>
 
-  so that <w_l, r> = |f_l|: r reaches the linearised boundary y/l (r = 0 if no
-  boundary is reachable, w = 0).
+  so that <w_l, r> = max(|f_l|, resolution): r reaches the linearised boundary y/l
+  (r = 0 if no boundary is reachable, w = 0). With ``resolution`` = 0, the length
+  is |d_l|. A positive ``resolution`` (`logit_resolution`) is a floor on the logit
+  difference to cover: on a tie of rounded logits (f_l = 0 though the prediction
+  has not changed, common with half-precision logits) the step still moves the
+  point, where it would otherwise stay put until ``max_iter``.
+
+  Args:
+    logits, gradients, labels, norm: as `linearized_boundaries`.
+    resolution: a scalar or [batch] floor on |f_l|, >= 0.
 
   Returns:
-    r, shaped as one example of ``gradients`` per row ([batch, ...]).
+    r, shaped as one example of ``gradients`` per row ([batch, ...]), in
+    `working_dtype` of ``logits`` and ``gradients``.
   """
   _, w, distances = linearized_boundaries(logits, gradients, labels, norm)
   lengths = tf.abs(distances)
   closest = tf.argmin(lengths, axis=1, output_type=tf.int32)
   length = tf.gather(lengths, closest, axis=1, batch_dims=1)
-  length = tf.where(tf.math.is_inf(length), 0.0, length)
   w_l = tf.gather(w, closest, axis=1, batch_dims=1)
+  floor = tf.math.divide_no_nan(
+      tf.cast(resolution, w_l.dtype), margin.flat_norm(w_l, margin.dual_norm(norm))
+  )
+  length = tf.maximum(length, floor)
+  length = tf.where(tf.math.is_inf(length), tf.zeros_like(length), length)
   return attacks.expand_to(length, w_l) * attacks.steepest_ascent_direction(w_l, norm)
 
 
@@ -248,7 +304,8 @@ def linearized_margins(model, x, labels, norm=2):
     norm: 1, 2 or np.inf.
 
   Returns:
-    A [batch] numpy array.
+    A [batch] numpy array: float32, or float64 for a model with float64 logits
+    (half-precision logits are widened to float32 before the linearisation).
   """
   margin.dual_norm(norm)
   x = tf.convert_to_tensor(x, tf.float32)
@@ -266,7 +323,8 @@ def _deepfool_graph(model, x, labels, norm, max_iter, overshoot):
     active = tf.logical_not(attacks.misclassified(logits, labels))
     if not tf.reduce_any(active):
       break
-    step = deepfool_step(logits, gradients, labels, norm)
+    step = deepfool_step(logits, gradients, labels, norm, logit_resolution(logits))
+    step = tf.cast(step, x.dtype)
     total = tf.where(attacks.expand_to(active, x), total + step, total)
     x_adv = x + (1.0 + overshoot) * total
   flipped = attacks.misclassified(model(x_adv, training=False), labels)
@@ -286,9 +344,12 @@ def deepfool(model, x, labels, norm=2, max_iter=50, overshoot=0.02):
       boundary rather than land on it).
 
   Returns:
-    ``(x_adv, distances)``: the perturbed inputs and the [batch] numpy array of
-    ||x_adv - x||_p; 0 for examples misclassified from the start and inf for those
-    not flipped within ``max_iter`` steps.
+    ``(x_adv, distances)``: the perturbed inputs (a float32 tensor) and the [batch]
+    float32 numpy array of ||x_adv - x||_p; 0 for examples misclassified from the
+    start and inf for those not flipped within ``max_iter`` steps. The steps are
+    computed in float32 (float64 for float64 logits), also for half-precision
+    logits, and cover at least the logits' rounding error (`logit_resolution`),
+    so that a tie of rounded logits does not stall the iteration.
   """
   margin.dual_norm(norm)
   max_iter = attacks.check_steps(max_iter, "max_iter")
