@@ -6,9 +6,18 @@ the examples: their logits cos * scale are evaluated), on the first
 ``--num_examples`` test examples:
 
 * clean accuracy;
-* white-box accuracy under FGSM and iterative FGSM over the ``--epsilons`` grid;
+* white-box accuracy under FGSM and iterative FGSM over the ``--epsilons`` grid, for
+  each attack objective of ``--attack_losses`` (the softmax cross-entropy, and the
+  logit margin max_{j != y} z_j - z_y, which a saturated softmax cannot mask) and
+  their worst case (the reported number);
 * black-box accuracy under the same attacks crafted on ``--source_model`` (Elsayed et
   al. 2018 transfer them from a cross-entropy model; not for the source model itself);
+* the fraction of examples whose input gradient of each objective is zero
+  (gradient masking: the attack leaves them unchanged);
+* certified accuracy over the same ``--epsilons`` (``--certified_method``, interval
+  bound propagation by default; `tf_large_margin.certified`): the fraction of
+  examples whose prediction is correct and provably constant in the l_inf ball of
+  radius epsilon, the floor under every attack's accuracy;
 * accuracy under additive Gaussian noise over the ``--sigmas`` grid;
 * margins of the correctly classified examples, in the ``--dist_norm`` norm: first
   order (Eq. 10's distance) at each of ``--margin_layers``, the linearised-logit
@@ -39,6 +48,7 @@ import numpy as np
 import tf_large_margin  # pylint: disable=unused-import  (registers the custom objects)
 from tf_large_margin import adversarial  # pylint: disable=unused-import
 from tf_large_margin import attacks
+from tf_large_margin import certified
 from tf_large_margin import datasets
 from tf_large_margin import layers
 from tf_large_margin import margins
@@ -90,6 +100,18 @@ flags.DEFINE_list(
     ["0.1", "0.3", "1.0"],
     "Margins summaries report the fraction of correct examples below these.",
 )
+flags.DEFINE_list(
+    "attack_losses",
+    list(attacks.ATTACK_LOSSES),
+    "Objectives of the gradient attacks (xent, logit_margin); the reported "
+    "white-box and black-box accuracies are their worst case.",
+)
+flags.DEFINE_enum(
+    "certified_method",
+    "ibp",
+    ["none", *certified.METHODS],
+    "Bound of the certified accuracy (none: skip it). crown is tightest and slowest.",
+)
 flags.DEFINE_integer("seed", 0, "Seed of the Gaussian noise.")
 flags.DEFINE_string("output_dir", "eval", "Directory of eval.json and the plots.")
 
@@ -135,7 +157,9 @@ def test_dataset():
   ), len(y_test)
 
 
-def accuracy_curve(model, dataset, attack, values, source_model=None):
+def accuracy_curve(
+    model, dataset, attack, values, source_model=None, loss=attacks.XENT
+):
   """{str(value): accuracy} over a grid of ``epsilon`` (attacks) or ``sigma``."""
   curve = {}
   for value in values:
@@ -143,21 +167,79 @@ def accuracy_curve(model, dataset, attack, values, source_model=None):
     if attack == "gaussian":
       kwargs = dict(sigma=value)
     elif attack == "iterative_fgsm":
-      kwargs = dict(epsilon=value, steps=FLAGS.ifgsm_steps)
+      kwargs = dict(epsilon=value, steps=FLAGS.ifgsm_steps, loss=loss)
     else:
-      kwargs = dict(epsilon=value)
+      kwargs = dict(epsilon=value, loss=loss)
     curve[str(value)] = attacks.robust_accuracy(
         model, dataset, attack, source_model=source_model, seed=FLAGS.seed, **kwargs
     )
     box = (
         ""
         if attack == "gaussian"
-        else (" (white-box)" if source_model is None else " (black-box)")
+        else (" (white-box" if source_model is None else " (black-box") + f", {loss})"
     )
     progress(
         f"  {attack}{box} {value:g}: accuracy {curve[str(value)]:.4f} "
         f"({time.time() - start:.1f} s)"
     )
+  return curve
+
+
+def attack_curves(model, dataset, epsilons, source_model=None):
+  """``(worst case, {loss: curves})``: per attack objective of --attack_losses the
+  accuracy curves of the white-box attacks, and their minimum per epsilon."""
+  by_loss = {
+      loss: {
+          attack: accuracy_curve(model, dataset, attack, epsilons, source_model, loss)
+          for attack in WHITE_BOX_ATTACKS
+      }
+      for loss in FLAGS.attack_losses
+  }
+  worst = {
+      attack: {
+          value: min(curves[attack][value] for curves in by_loss.values())
+          for value in by_loss[FLAGS.attack_losses[0]][attack]
+      }
+      for attack in WHITE_BOX_ATTACKS
+  }
+  return worst, by_loss
+
+
+def zero_gradient_fractions(model, dataset):
+  """{loss: fraction of the examples whose input gradient of it is zero}."""
+  fractions = {}
+  for loss in FLAGS.attack_losses:
+    zero = total = 0
+    for x, labels in dataset:
+      zero += attacks.zero_gradient_fraction(model, x, labels, loss=loss) * len(labels)
+      total += len(labels)
+    fractions[loss] = zero / total
+    progress(f"  zero input gradients ({loss}): {fractions[loss]:.4f}")
+  return fractions
+
+
+def certified_accuracy(model, dataset, epsilons):
+  """{str(epsilon): fraction of examples certified correct in the l_inf ball}.
+
+  One bisection per example gives a certified radius r (0 if misclassified); the
+  prediction provably holds for every epsilon <= r.
+  """
+  start = time.time()
+  radii = np.concatenate(
+      [
+          certified.certified_radius(
+              model,
+              x,
+              labels,
+              norm=np.inf,
+              method=FLAGS.certified_method,
+              max_radius=max(max(epsilons), 1e-6),
+          )
+          for x, labels in dataset
+      ]
+  )
+  curve = {str(e): float(np.mean((radii >= e) & (radii > 0))) for e in epsilons}
+  progress(f"  certified accuracy ({FLAGS.certified_method}) {curve} ({time.time() - start:.1f} s)")
   return curve
 
 
@@ -182,15 +264,20 @@ def evaluate_model(model, source_model, dataset, num_batches):
   epsilons = [float(e) for e in FLAGS.epsilons]
   result = {"clean_accuracy": attacks.robust_accuracy(model, dataset)}
   progress(f"  clean accuracy {result['clean_accuracy']:.4f}")
-  result["white_box"] = {
-      attack: accuracy_curve(model, dataset, attack, epsilons)
-      for attack in WHITE_BOX_ATTACKS
-  }
+  result["zero_gradient_fraction"] = zero_gradient_fractions(model, dataset)
+  result["white_box"], result["white_box_by_loss"] = attack_curves(
+      model, dataset, epsilons
+  )
   if source_model is not None and source_model is not model:
-    result["black_box"] = {
-        attack: accuracy_curve(model, dataset, attack, epsilons, source_model)
-        for attack in WHITE_BOX_ATTACKS
-    }
+    result["black_box"], result["black_box_by_loss"] = attack_curves(
+        model, dataset, epsilons, source_model
+    )
+  if FLAGS.certified_method != "none":
+    try:
+      result["certified"] = certified_accuracy(model, dataset, epsilons)
+    except ValueError as error:  # a layer the bounds do not support
+      result["certified_unavailable"] = str(error)
+      progress(f"  no certified accuracy: {error}")
   result["gaussian"] = accuracy_curve(
       model, dataset, "gaussian", [float(s) for s in FLAGS.sigmas]
   )
@@ -216,13 +303,16 @@ def finish(figure, axes, xlabel, path):
 
 
 def plot_accuracy_vs_epsilon(results, path):
-  """One panel per attack, one curve per model (white-box solid, black-box dashed)."""
+  """One panel per attack, one curve per model (white-box solid, black-box dashed,
+  certified dotted)."""
   figure, axes = pyplot.subplots(1, len(WHITE_BOX_ATTACKS), figsize=(11, 4.2))
   for axis, attack in zip(axes, WHITE_BOX_ATTACKS):
     for name, result in results.items():
       plot_curves(axis, result["white_box"][attack], f"{name} (white-box)")
       if "black_box" in result:
         plot_curves(axis, result["black_box"][attack], f"{name} (black-box)", "--")
+      if "certified" in result:
+        plot_curves(axis, result["certified"], f"{name} (certified)", ":")
     axis.set_title(ATTACK_TITLES[attack])
   finish(figure, axes, "epsilon (l_inf, pixels in [0, 1])", path)
 
@@ -275,6 +365,8 @@ def main(argv):
   del argv
   if not FLAGS.model:
     raise app.UsageError("--model is required (one or more .keras files).")
+  for loss in FLAGS.attack_losses:
+    attacks.check_attack_loss(loss)
   names = [model_name(path) for path in FLAGS.model]
   if len(set(names)) != len(names):
     raise app.UsageError(
@@ -307,6 +399,8 @@ def main(argv):
       dist_norm=FLAGS.dist_norm,
       margin_layers=FLAGS.margin_layers,
       deepfool_steps=FLAGS.deepfool_steps,
+      attack_losses=FLAGS.attack_losses,
+      certified_method=FLAGS.certified_method,
       seed=FLAGS.seed,
       models=results,
   )

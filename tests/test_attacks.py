@@ -200,6 +200,190 @@ def test_robust_accuracy_white_box_and_black_box():
   assert noisy == pytest.approx(accuracy(by_hand))
 
 
+# ---------------------------------------------------------------------------
+# Attack objective: cross-entropy vs logit margin, gradient masking
+# ---------------------------------------------------------------------------
+
+SATURATION = 1e4
+
+
+def saturated_problem(n=128, seed=0, min_gap=0.02):
+  """``(saturated, base, x, labels)``: a ReLU network ``base``, the same network
+  with its logits scaled by 1e4 (``saturated``), and inputs it classifies as
+  ``labels`` with a logit gap >= ``min_gap`` (>= 200 after scaling, so the other
+  softmax probabilities exp(-200) underflow to exactly 0 in float32)."""
+  base, x, labels = relu_problem(n, seed)
+  top2 = np.sort(base(x).numpy(), axis=1)[:, -2:]
+  keep = top2[:, 1] - top2[:, 0] >= min_gap
+  inputs = keras.Input((DIM,))
+  saturated = keras.Model(inputs, keras.layers.Rescaling(SATURATION)(base(inputs)))
+  return saturated, base, x[keep], labels[keep]
+
+
+def accuracy(model, x, labels):
+  return np.mean(np.argmax(model(x), axis=1) == labels)
+
+
+def test_logit_margin_is_the_runner_up_logit_minus_the_label_logit():
+  logits = np.array([[3.0, 1.0, 2.0], [0.0, 5.0, -1.0], [1.0, 1.0, 4.0]], np.float32)
+  labels = np.array([0, 2, 2])
+  expected = [2.0 - 3.0, 5.0 - (-1.0), 1.0 - 4.0]
+  np.testing.assert_array_equal(
+      attacks.logit_margin(tf.constant(logits), tf.constant(labels, tf.int32)),
+      expected,
+  )
+  np.testing.assert_array_equal(
+      attacks.attack_objective(logits, tf.constant(labels, tf.int32), "logit_margin"),
+      expected,
+  )
+
+
+def test_saturated_softmax_masks_the_cross_entropy_gradient():
+  saturated, base, x, labels = saturated_problem()
+  assert len(labels) > 90
+  assert attacks.zero_gradient_fraction(saturated, x, labels) == 1.0
+  assert attacks.zero_gradient_fraction(saturated, x, labels, threshold=0.0) == 1.0
+  assert attacks.zero_gradient_fraction(saturated, x, labels, "logit_margin") == 0.0
+  assert attacks.zero_gradient_fraction(base, x, labels, loss="xent") == 0.0
+  assert attacks.zero_gradient_fraction(base, x, labels, "logit_margin") == 0.0
+
+
+def test_zero_gradient_fraction_counts_examples():
+  # A two-class model with logit gap z_0 - z_1 = 2e3 x.
+  w = np.array([[1.0, -1.0]], np.float32) * 1e3
+  model = linear_model(w, np.zeros(2, np.float32))
+  x = np.array([[0.5], [0.2], [0.001], [0.0005]], np.float32)
+  labels = np.zeros(4, np.int64)
+  # Gaps 1000, 400 (exp(-gap) = 0 in float32), 2 and 1 (nonzero gradients).
+  assert attacks.zero_gradient_fraction(model, x, labels) == 0.5
+  # A huge threshold counts every example.
+  assert attacks.zero_gradient_fraction(model, x, labels, threshold=1e6) == 1.0
+
+
+@pytest.mark.parametrize("epsilon", [0.1, 0.2])
+def test_fgsm_with_the_logit_margin_defeats_gradient_masking(epsilon):
+  saturated, base, x, labels = saturated_problem()
+  assert accuracy(saturated, x, labels) == 1.0
+  x_xent = attacks.fgsm(saturated, x, labels, epsilon)
+  np.testing.assert_array_equal(x_xent, x)  # sign(0) = 0: the attack does nothing
+  assert accuracy(saturated, x_xent, labels) == 1.0
+  x_margin = attacks.fgsm(saturated, x, labels, epsilon, loss="logit_margin")
+  assert accuracy(saturated, x_margin, labels) < 0.9
+  # The unsaturated network's cross-entropy attack does flip predictions.
+  assert accuracy(base, attacks.fgsm(base, x, labels, epsilon), labels) < 1.0
+
+
+def test_iterative_attacks_with_the_logit_margin_defeat_gradient_masking():
+  saturated, _, x, labels = saturated_problem()
+  for attack in (
+      lambda loss: attacks.iterative_fgsm(saturated, x, labels, 0.1, loss=loss),
+      lambda loss: attacks.pgd(
+          saturated, x, labels, 0.1, random_start=False, loss=loss
+      ),
+      lambda loss: attacks.pgd(
+          saturated, x, labels, 0.5, norm=2, random_start=False, loss=loss
+      ),
+  ):
+    np.testing.assert_array_equal(attack("xent"), x)  # zero gradients: no step
+    assert accuracy(saturated, attack("logit_margin"), labels) < 0.7
+
+
+def test_robust_accuracy_with_the_logit_margin():
+  saturated, _, x, labels = saturated_problem()
+  dataset = tf.data.Dataset.from_tensor_slices((x, labels)).batch(32)
+  assert attacks.robust_accuracy(saturated, dataset, "fgsm", epsilon=0.1) == 1.0
+  robust = attacks.robust_accuracy(
+      saturated, dataset, "fgsm", epsilon=0.1, loss="logit_margin"
+  )
+  by_hand = np.concatenate(
+      [
+          attacks.fgsm(
+              saturated, x[i : i + 32], labels[i : i + 32], 0.1, loss="logit_margin"
+          )
+          for i in range(0, len(x), 32)
+      ]
+  )
+  assert robust == pytest.approx(accuracy(saturated, by_hand, labels))
+  assert robust < 0.9
+  pgd = attacks.robust_accuracy(
+      saturated, dataset, "pgd", epsilon=0.1, steps=5, loss="logit_margin"
+  )
+  assert pgd <= robust
+
+
+def test_logit_margin_fgsm_on_an_affine_model_is_exact():
+  # x' = x - epsilon * sign(w_y - w_j*), j* = argmax_{j != y} z_j.
+  rng = np.random.default_rng(1)
+  w = rng.normal(size=(DIM, 5)).astype("float32")
+  b = rng.normal(size=5).astype("float32")
+  model = linear_model(w, b)
+  x = rng.uniform(0.2, 0.8, size=(40, DIM)).astype("float32")
+  labels = rng.integers(0, 5, size=40)  # correct and wrong labels
+  logits = model(x).numpy()
+  others = np.where(np.eye(5, dtype=bool)[labels], -np.inf, logits)
+  runner_up = np.argmax(others, axis=1)
+  assert np.all(np.sort(others, axis=1)[:, -1] > np.sort(others, axis=1)[:, -2])
+  difference = w[:, labels].T - w[:, runner_up].T  # [batch, DIM], w_y - w_j*
+  assert np.all(difference != 0)
+  epsilon = np.float32(0.05)
+  expected = x - epsilon * np.sign(difference)
+  np.testing.assert_array_equal(
+      attacks.fgsm(model, x, labels, epsilon, loss="logit_margin"), expected
+  )
+  # One l_inf PGD step of size epsilon from x is the same point for the examples
+  # classified correctly; PGD leaves the misclassified ones at x.
+  correct = np.argmax(logits, axis=1) == labels
+  assert 0 < correct.sum() < len(labels)
+  np.testing.assert_array_equal(
+      attacks.pgd(
+          model,
+          x,
+          labels,
+          epsilon,
+          steps=1,
+          step_size=epsilon,
+          random_start=False,
+          loss="logit_margin",
+      ),
+      np.where(correct[:, None], expected, x),
+  )
+
+
+def test_default_loss_is_the_cross_entropy():
+  model, x, labels = relu_problem(n=64)
+  labels[::3] = (labels[::3] + 1) % 4
+  # The previous behaviour, by hand: x + epsilon * sign(grad_x xent), clipped.
+  x_tensor = tf.constant(x)
+  with tf.GradientTape() as tape:
+    tape.watch(x_tensor)
+    loss = tf.nn.sparse_softmax_cross_entropy_with_logits(
+        tf.constant(labels, tf.int32), model(x_tensor, training=False)
+    )
+  reference = np.clip(x + 0.1 * np.sign(tape.gradient(loss, x_tensor)), 0.0, 1.0)
+  default = attacks.fgsm(model, x, labels, 0.1).numpy()
+  np.testing.assert_allclose(default, reference, atol=1e-6)
+  np.testing.assert_array_equal(
+      default, attacks.fgsm(model, x, labels, 0.1, loss="xent")
+  )
+  for kwargs in (dict(norm=np.inf, seed=(1, 2)), dict(norm=2, steps=4)):
+    np.testing.assert_array_equal(
+        attacks.pgd(model, x, labels, 0.2, **kwargs),
+        attacks.pgd(model, x, labels, 0.2, loss="xent", **kwargs),
+    )
+  np.testing.assert_array_equal(
+      attacks.iterative_fgsm(model, x, labels, 0.1, steps=3),
+      attacks.iterative_fgsm(model, x, labels, 0.1, steps=3, loss="xent"),
+  )
+  assert not np.array_equal(  # the two objectives do differ on this model
+      attacks.pgd(model, x, labels, 0.2, loss="xent"),
+      attacks.pgd(model, x, labels, 0.2, loss="logit_margin"),
+  )
+  dataset = tf.data.Dataset.from_tensor_slices((x, labels)).batch(16)
+  assert attacks.robust_accuracy(
+      model, dataset, "pgd", epsilon=0.1
+  ) == attacks.robust_accuracy(model, dataset, "pgd", epsilon=0.1, loss="xent")
+
+
 class TestErrors:
 
   def setup_method(self):
@@ -221,6 +405,29 @@ class TestErrors:
       attacks.iterative_fgsm(self.model, self.x, self.labels, 0.1, steps=2.5)
     with pytest.raises(ValueError, match="step_size"):
       attacks.pgd(self.model, self.x, self.labels, 0.1, step_size=-1.0)
+
+  @pytest.mark.parametrize("loss", ["cw", "XENT", "", None, 1])
+  def test_unknown_loss(self, loss):
+    match = r"loss must be one of \('xent', 'logit_margin'\)"
+    with pytest.raises(ValueError, match=match):
+      attacks.fgsm(self.model, self.x, self.labels, 0.1, loss=loss)
+    with pytest.raises(ValueError, match=match):
+      attacks.pgd(self.model, self.x, self.labels, 0.1, loss=loss)
+    with pytest.raises(ValueError, match=match):
+      attacks.iterative_fgsm(self.model, self.x, self.labels, 0.1, loss=loss)
+    with pytest.raises(ValueError, match=match):
+      attacks.zero_gradient_fraction(self.model, self.x, self.labels, loss=loss)
+    with pytest.raises(ValueError, match=match):
+      attacks.robust_accuracy(
+          self.model, [(self.x, self.labels)], "fgsm", epsilon=0.1, loss=loss
+      )
+
+  @pytest.mark.parametrize("threshold", [-1e-30, np.nan, "tiny"])
+  def test_bad_zero_gradient_threshold(self, threshold):
+    with pytest.raises(ValueError, match="threshold"):
+      attacks.zero_gradient_fraction(
+          self.model, self.x, self.labels, threshold=threshold
+      )
 
   @pytest.mark.parametrize("norm", [1, 3, "l2", None])
   def test_unknown_norm(self, norm):

@@ -6,11 +6,13 @@ related margin methods. Modules: `margin` (Eq. 10), `losses` (the Keras loss),
 (hinge and margin-softmax losses), `layers` (CosineHead), `datasets`,
 `architectures` (the papers' networks), `normalization` (TF1 batch norm),
 `optimizers` (TF1 RMSProp), `regularizers` (TF1 weight decay), `original_recipe`
-(the original MNIST training recipe), `distribute`. Importing the package registers
+(the original MNIST training recipe), `monitor` (MarginMonitor), `certified` (certified margin lower bounds),
+`distribute`. Importing the package registers
 every class a saved model may refer to.
 """
 
 from tf_large_margin import architectures
+from tf_large_margin import certified
 from tf_large_margin import normalization
 from tf_large_margin import optimizers
 from tf_large_margin import original_recipe
@@ -23,6 +25,7 @@ from tf_large_margin.margin import large_margin_per_example
 from tf_large_margin.margin import margin_distances
 from tf_large_margin.models import MarginModel
 from tf_large_margin.models import MarginTraining
+from tf_large_margin.monitor import MarginMonitor
 from tf_large_margin.output_margin import AMSoftmax
 from tf_large_margin.output_margin import ArcFace
 from tf_large_margin.output_margin import CosFace

@@ -1,8 +1,20 @@
 """Adversarial attacks and input noise for any Keras model that returns logits.
 
-All attacks maximise the softmax cross-entropy L(x, y) of the model's logits within a
-norm ball of radius ``epsilon`` (in the input's units) around the clean input x, and
-keep the result inside the data range [clip_min, clip_max]:
+All attacks maximise an objective L(x, y) of the model's logits z within a norm ball
+of radius ``epsilon`` (in the input's units) around the clean input x, and keep the
+result inside the data range [clip_min, clip_max]. The objective (``loss``) is
+
+* ``"xent"`` (default): the softmax cross-entropy L = -log softmax(z)_y;
+* ``"logit_margin"``: the logit margin of Carlini and Wagner ("Towards Evaluating the
+  Robustness of Neural Networks", IEEE S&P 2017), L = max_{j != y} z_j - z_y,
+  computed on the logits without a softmax.
+
+On a large-margin model the softmax saturates: in float32 p_y rounds to 1 and the
+other probabilities underflow to 0, so grad_x of the cross-entropy is exactly 0 and
+the gradient attacks do not move the input (gradient masking). The logit margin's
+gradient, grad_x z_{j*} - grad_x z_y, does not saturate, so robust accuracy measured
+with it is not inflated by the masking; `zero_gradient_fraction` measures the masking.
+The attacks:
 
 * FGSM (Goodfellow et al., "Explaining and Harnessing Adversarial Examples", ICLR 2015):
   x' = clip(x + epsilon * sign(grad_x L)).
@@ -17,9 +29,10 @@ keep the result inside the data range [clip_min, clip_max]:
 The iterative attacks stop updating an example once the model misclassifies it, so on
 a fixed model and start the success of an attack never decreases with more steps.
 
-The batch functions (`fgsm`, `iterative_fgsm`, `pgd`, `gaussian_noise`) validate their
-arguments and run a `tf.function` compiled once per model; `robust_accuracy` runs one
-of them over a data set. Labels are integer class indices of shape [batch].
+The batch functions (`fgsm`, `iterative_fgsm`, `pgd`, `gaussian_noise`,
+`zero_gradient_fraction`) validate their arguments and run a `tf.function` compiled
+once per model (and objective); `robust_accuracy` runs one of them over a data set.
+Labels are integer class indices of shape [batch].
 """
 
 import math
@@ -30,7 +43,14 @@ import tensorflow as tf
 from tf_large_margin import margin
 
 ATTACK_NORMS = (2, np.inf)
+XENT = "xent"
+LOGIT_MARGIN = "logit_margin"
+ATTACK_LOSSES = (XENT, LOGIT_MARGIN)
 DEFAULT_SEED = (0, 0)
+# Gradients whose entries are all at most this in magnitude count as zero (masked):
+# far below any gradient a float32 attack step could use, and above the underflowed
+# products of saturated softmax probabilities (float32's smallest normal is 1.2e-38).
+ZERO_GRADIENT_THRESHOLD = 1e-30
 
 
 # ---------------------------------------------------------------------------
@@ -61,6 +81,15 @@ def check_attack_norm(norm):
   if norm not in ATTACK_NORMS:
     raise ValueError(f"norm must be 2 or np.inf; got {norm!r}.")
   return norm
+
+
+def check_attack_loss(loss):
+  """Returns ``loss`` after checking it is "xent" or "logit_margin"."""
+  if not isinstance(loss, str) or loss not in ATTACK_LOSSES:
+    raise ValueError(
+        f"loss must be one of {ATTACK_LOSSES} (the attack objective); got {loss!r}."
+    )
+  return loss
 
 
 def check_clip_range(clip_min, clip_max):
@@ -119,12 +148,18 @@ def check_logits_and_labels(model, x, labels):
   return tf.constant(labels, tf.int32), num_classes
 
 
-def _validated(model, x, labels, clip_min, clip_max):
-  """Common checks of the batch functions: ``(x as float tensor, int32 labels)``."""
+def _float_inputs_and_labels(model, x, labels):
+  """``(x as a float tensor, int32 labels)`` after checking both and the model."""
   x = tf.convert_to_tensor(x)
   if not x.dtype.is_floating:
     raise ValueError(f"x must be a float tensor; got dtype {x.dtype.name}.")
   labels, _ = check_logits_and_labels(model, x, labels)
+  return x, labels
+
+
+def _validated(model, x, labels, clip_min, clip_max):
+  """Common checks of the batch functions: ``(x as float tensor, int32 labels)``."""
+  x, labels = _float_inputs_and_labels(model, x, labels)
   check_data_range(x, clip_min, clip_max)
   return x, labels
 
@@ -139,17 +174,48 @@ def expand_to(per_example, x):
   return tf.reshape(per_example, [-1] + [1] * (x.shape.rank - 1))
 
 
-def loss_gradient(model, x, labels):
-  """``(logits, grad_x L)`` with L the per-example softmax cross-entropy.
+def logit_margin(logits, labels):
+  """[batch] logit margin of Carlini and Wagner: max_{j != y} z_j - z_y.
+
+  Positive where the example is misclassified; no softmax, so it does not saturate.
+  Its gradient is grad z_{j*} - grad z_y, j* = argmax_{j != y} z_j (shared equally
+  among tied runner-up classes).
+  """
+  is_label = tf.one_hot(labels, tf.shape(logits)[1], on_value=True, off_value=False)
+  others = tf.where(is_label, tf.constant(-np.inf, logits.dtype), logits)
+  label_logit = tf.gather(logits, labels, axis=1, batch_dims=1)
+  return tf.reduce_max(others, axis=1) - label_logit
+
+
+def attack_objective(logits, labels, loss=XENT):
+  """[batch] objective L the attacks maximise ("xent" or "logit_margin").
+
+  xent:          L = -log softmax(z)_y
+  logit_margin:  L = max_{j != y} z_j - z_y
+  """
+  if loss == XENT:
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
+  if loss == LOGIT_MARGIN:
+    return logit_margin(logits, labels)
+  raise ValueError(f"loss must be one of {ATTACK_LOSSES}; got {loss!r}.")
+
+
+def loss_gradient(model, x, labels, loss=XENT):
+  """``(logits, grad_x L)`` with L the per-example `attack_objective`.
 
   The model runs in inference mode; examples do not interact, so the gradient of the
-  summed loss is each example's own gradient.
+  summed objective is each example's own gradient.
   """
   with tf.GradientTape() as tape:
     tape.watch(x)
     logits = model(x, training=False)
-    loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
-  return logits, tape.gradient(loss, x)
+    objective = attack_objective(logits, labels, loss)
+  return logits, tape.gradient(objective, x)
+
+
+def gradient_is_zero(gradient, threshold=ZERO_GRADIENT_THRESHOLD):
+  """[batch] bool: max_i |g_i| <= threshold for each example of ``gradient``."""
+  return margin.flat_norm(gradient, np.inf) <= threshold
 
 
 def steepest_ascent_direction(gradient, norm):
@@ -204,9 +270,9 @@ def misclassified(logits, labels):
 
 
 @tf.function(reduce_retracing=True)
-def fgsm_graph(model, x, labels, epsilon, clip_min, clip_max):
+def fgsm_graph(model, x, labels, epsilon, clip_min, clip_max, loss=XENT):
   """FGSM without validation (usable inside a training step)."""
-  _, gradient = loss_gradient(model, x, labels)
+  _, gradient = loss_gradient(model, x, labels, loss)
   return tf.clip_by_value(x + epsilon * tf.sign(gradient), clip_min, clip_max)
 
 
@@ -223,6 +289,7 @@ def pgd_graph(
     seed,
     clip_min,
     clip_max,
+    loss=XENT,
 ):
   """PGD without validation (usable inside a training step).
 
@@ -237,7 +304,7 @@ def pgd_graph(
         x + random_ball_point(x, epsilon, norm, seed), clip_min, clip_max
     )
   for _ in tf.range(steps):
-    logits, gradient = loss_gradient(model, x_adv, labels)
+    logits, gradient = loss_gradient(model, x_adv, labels, loss)
     active = expand_to(tf.logical_not(misclassified(logits, labels)), x)
     step = x_adv + step_size * steepest_ascent_direction(gradient, norm)
     stepped = tf.clip_by_value(
@@ -252,11 +319,14 @@ def pgd_graph(
 # ---------------------------------------------------------------------------
 
 
-def fgsm(model, x, labels, epsilon, clip_min=0.0, clip_max=1.0):
+def fgsm(model, x, labels, epsilon, clip_min=0.0, clip_max=1.0, loss=XENT):
   """Fast gradient sign method: x' = clip(x + epsilon * sign(grad_x L(x, y))).
 
   Goodfellow et al. 2015. On a model whose loss is linear in x inside the ball this is
-  the exact maximiser of the loss under ||x' - x||_inf <= epsilon.
+  the exact maximiser of the loss under ||x' - x||_inf <= epsilon. With the logit
+  margin on an affine model z = W x + b it is x' = clip(x - epsilon * sign(w_y -
+  w_{j*})), j* the runner-up class (w_k the weights of class k). Where the gradient
+  is exactly 0 (a saturated softmax under "xent") sign(0) = 0 leaves x unchanged.
 
   Args:
     model: a Keras model (or callable ``model(x, training=False)``) returning
@@ -265,11 +335,14 @@ def fgsm(model, x, labels, epsilon, clip_min=0.0, clip_max=1.0):
     labels: [batch] integer labels.
     epsilon: l_inf radius, >= 0, in the input's units.
     clip_min, clip_max: the data range (default [0, 1]).
+    loss: the objective, "xent" (softmax cross-entropy, default) or
+      "logit_margin" (max_{j != y} z_j - z_y); see `attack_objective`.
 
   Returns:
     The adversarial inputs, same shape and dtype as ``x``.
   """
   epsilon = check_nonnegative("epsilon", epsilon)
+  loss = check_attack_loss(loss)
   x, labels = _validated(model, x, labels, clip_min, clip_max)
   return fgsm_graph(
       model,
@@ -278,6 +351,7 @@ def fgsm(model, x, labels, epsilon, clip_min=0.0, clip_max=1.0):
       tf.constant(epsilon, x.dtype),
       tf.constant(clip_min, x.dtype),
       tf.constant(clip_max, x.dtype),
+      loss,
   )
 
 
@@ -298,6 +372,7 @@ def pgd(
     seed=DEFAULT_SEED,
     clip_min=0.0,
     clip_max=1.0,
+    loss=XENT,
 ):
   """Projected gradient descent on the loss in the l_inf or l_2 ball (Madry et al. 2018).
 
@@ -319,12 +394,14 @@ def pgd(
     random_start: start from a uniform random point of the ball.
     seed: a pair of integers, the stateless seed of the random start.
     clip_min, clip_max: the data range.
+    loss: the objective L, "xent" (default) or "logit_margin" (`attack_objective`).
 
   Returns:
     The adversarial inputs: ||x' - x||_p <= epsilon and x' in [clip_min, clip_max].
   """
   epsilon = check_nonnegative("epsilon", epsilon)
   check_attack_norm(norm)
+  loss = check_attack_loss(loss)
   steps = check_steps(steps)
   step_size = check_nonnegative(
       "step_size", default_step_size(epsilon, steps) if step_size is None else step_size
@@ -342,17 +419,27 @@ def pgd(
       tf.constant(seed, tf.int32, shape=[2]),
       tf.constant(clip_min, x.dtype),
       tf.constant(clip_max, x.dtype),
+      loss,
   )
 
 
 def iterative_fgsm(
-    model, x, labels, epsilon, steps=10, step_size=None, clip_min=0.0, clip_max=1.0
+    model,
+    x,
+    labels,
+    epsilon,
+    steps=10,
+    step_size=None,
+    clip_min=0.0,
+    clip_max=1.0,
+    loss=XENT,
 ):
   """Iterative FGSM / BIM (Kurakin et al. 2016): l_inf PGD from x, no random start.
 
       x_0 = x,  x_{t+1} = clip(x + clip_eps(x_t + alpha * sign(grad_x L(x_t, y)) - x))
 
-  Arguments as `pgd` (step_size default 2.5 * epsilon / steps).
+  Arguments as `pgd` (step_size default 2.5 * epsilon / steps; ``loss`` "xent" or
+  "logit_margin").
   """
   return pgd(
       model,
@@ -365,7 +452,48 @@ def iterative_fgsm(
       random_start=False,
       clip_min=clip_min,
       clip_max=clip_max,
+      loss=loss,
   )
+
+
+@tf.function(reduce_retracing=True)
+def zero_gradient_graph(model, x, labels, threshold, loss=XENT):
+  """[batch] bool, `gradient_is_zero` of grad_x L without validation.
+
+  Computed in a graph like the attacks, so it sees the gradients they see.
+  """
+  _, gradient = loss_gradient(model, x, labels, loss)
+  return gradient_is_zero(gradient, threshold)
+
+
+def zero_gradient_fraction(
+    model, x, labels, loss=XENT, threshold=ZERO_GRADIENT_THRESHOLD
+):
+  """Fraction of examples whose input gradient of the attack objective vanishes.
+
+      mean_i [ max_m |(grad_x L(x_i, y_i))_m| <= threshold ]
+
+  A measure of gradient masking: on a model whose softmax saturates in float32 the
+  cross-entropy's gradient underflows to exactly 0 and the gradient attacks with
+  ``loss="xent"`` leave those examples unchanged, while the logit margin's gradient
+  (``loss="logit_margin"``) stays nonzero.
+
+  Args:
+    model: a Keras model returning [batch, classes] logits.
+    x: [batch, ...] float inputs.
+    labels: [batch] integer labels.
+    loss: the objective L, "xent" (default) or "logit_margin".
+    threshold: gradients with every |entry| <= threshold count as zero, >= 0
+      (default 1e-30; 0 counts only exact zeros).
+
+  Returns:
+    A float in [0, 1].
+  """
+  loss = check_attack_loss(loss)
+  threshold = check_nonnegative("threshold", threshold)
+  x, labels = _float_inputs_and_labels(model, x, labels)
+  zero = zero_gradient_graph(model, x, labels, tf.constant(threshold, x.dtype), loss)
+  return float(np.mean(zero.numpy()))
 
 
 def gaussian_noise(x, sigma, seed=DEFAULT_SEED, clip_min=0.0, clip_max=1.0):
@@ -396,7 +524,8 @@ ATTACKS = {"fgsm": fgsm, "iterative_fgsm": iterative_fgsm, "pgd": pgd}
 def perturb(attack, model, x, labels, seed, **kwargs):
   """Applies ``attack`` ("clean", "gaussian" or a name of `ATTACKS`) to one batch.
 
-  ``kwargs`` are the attack's (``epsilon`` for the attacks, ``sigma`` for "gaussian").
+  ``kwargs`` are the attack's (``epsilon`` and optionally ``loss`` for the attacks,
+  ``sigma`` for "gaussian").
   """
   if attack == "clean":
     if kwargs:
@@ -431,7 +560,9 @@ def robust_accuracy(
     attack: "clean", "gaussian", "fgsm", "iterative_fgsm" or "pgd".
     source_model: the model the attack's gradients are taken on (default ``model``).
     seed: integer; batch i uses the stateless seed (seed, i) for its randomness.
-    **kwargs: the attack's arguments (``epsilon``, ``sigma``, ``steps``, ...).
+    **kwargs: the attack's arguments (``epsilon``, ``sigma``, ``steps``, ...;
+      ``loss="logit_margin"`` for the gradient attacks' logit-margin objective,
+      which gradient masking by a saturated softmax cannot weaken).
 
   Returns:
     The fraction of examples classified correctly, a float.
