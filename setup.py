@@ -27,6 +27,7 @@ setuptools.setup(
     extras_require={
         # The example scripts' plots (evaluate.py, reproduce_mnist.py).
         "examples": ["matplotlib>=3.8"],
-        "test": ["pytest>=8", "matplotlib>=3.8"],
+        # hypothesis: the randomized property tests (tests/test_properties.py).
+        "test": ["pytest>=8", "matplotlib>=3.8", "hypothesis>=6.100"],
     },
 )
