@@ -314,7 +314,9 @@ def test_dataset_margins_and_summaries():
   )
   np.testing.assert_array_equal(result["correct"], np.arange(30) >= 6)
   direct, _ = margins.first_order_margins(model, x, labels, dist_norm=np.inf)
-  np.testing.assert_allclose(result["input"], direct["input"], rtol=1e-6)
+  np.testing.assert_allclose(
+      result["input"], direct["input"], rtol=1e-5  # batches of 8 vs 30, as above
+  )
   assert np.all(result["input"][:6] < 0) and np.all(result["input"][6:] > 0)
   np.testing.assert_array_equal(result["deepfool"][:6], 0.0)
 

@@ -246,7 +246,8 @@ def project_to_ball(delta, epsilon, norm):
   if norm == np.inf:
     return tf.clip_by_value(delta, -epsilon, epsilon)
   norms = expand_to(margin.flat_norm(delta, 2), delta)
-  return delta * tf.minimum(1.0, epsilon / tf.maximum(norms, 1e-12))
+  # (the tensor first: a leading 1.0 would be float32 against float64 inputs)
+  return delta * tf.minimum(epsilon / tf.maximum(norms, 1e-12), 1.0)
 
 
 def random_ball_point(x, epsilon, norm, seed):

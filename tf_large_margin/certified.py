@@ -755,9 +755,15 @@ def forward(operations, x):
 def check_reproduces(model, operations, x):
   """ValueError unless the parsed operations give the model's inference logits on
   ``x`` (to the model dtype's rounding): catches layers whose behaviour differs from
-  the layer type they subclass."""
-  logits = model(tf.cast(x, tf.float32), training=False)
-  tolerance = _REPRODUCTION_TOLERANCE.get(logits.dtype, _HALF_PRECISION_TOLERANCE)
+  the layer type they subclass. The model gets ``x`` as is (a float64 model its
+  float64 values), and the tolerance is that of its least precise input or logits
+  dtype (a float32 input layer rounds x)."""
+  logits = model(x, training=False)
+  inputs = getattr(model, "inputs", None) or []
+  dtypes = [logits.dtype] + [tf.as_dtype(i.dtype) for i in inputs]
+  tolerance = max(
+      _REPRODUCTION_TOLERANCE.get(dtype, _HALF_PRECISION_TOLERANCE) for dtype in dtypes
+  )
   logits = tf.cast(logits, DTYPE)
   scale = 1.0 + tf.reduce_max(tf.abs(logits), axis=1)
   error = tf.reduce_max(tf.abs(forward(operations, x) - logits), axis=1) / scale

@@ -23,6 +23,7 @@ import tensorflow as tf
 from keras.src.losses.loss import scale_loss_for_distribution
 from keras.src.losses.loss import unscale_loss_for_distribution
 
+from tf_large_margin.margin import safe_norm
 from tf_large_margin.models import TotalLossStep
 from tf_large_margin.models import layer_outputs_model
 
@@ -34,27 +35,6 @@ def working_dtype(dtype):
   tensors, the tensors' own dtype otherwise (float64)."""
   dtype = tf.as_dtype(dtype)
   return tf.float32 if dtype.size < 4 else dtype
-
-
-def safe_norm(x, axis, keepdims=False):
-  """Euclidean norm ||x||_2 = sqrt(sum x^2) along ``axis``, with gradient 0 at x = 0.
-
-  The value is `tf.norm`'s. Its gradient x / ||x||_2 is 0 / 0 = NaN where x = 0;
-  here that subgradient is 0 instead (a `tf.where` on both sides of the square
-  root keeps the unused branch finite).
-
-  Args:
-    x: a float tensor.
-    axis: the axis (or axes) reduced.
-    keepdims: keep the reduced axes with size 1.
-
-  Returns:
-    ||x||_2 along ``axis``, in the dtype of ``x``.
-  """
-  squares = tf.reduce_sum(tf.square(x), axis=axis, keepdims=keepdims)
-  positive = squares > 0
-  root = tf.sqrt(tf.where(positive, squares, tf.ones_like(squares)))
-  return tf.where(positive, root, tf.zeros_like(squares))
 
 
 def jacobian_penalty(inputs, features, classifier_kernel, tape, class_indices=None):

@@ -41,15 +41,25 @@ from keras import ops
 
 from tf_large_margin.labels import to_one_hot
 
-# Added to squared norms before the square root, so that the gradient of the
-# norm stays finite at the zero vector (same role as in `tf.math.l2_normalize`).
+# Floor of the squared norms, so that the gradient of the norm stays finite at
+# the zero vector (same role as in `tf.math.l2_normalize`).
 _NORM_EPSILON = 1e-12
+_NORM_FLOOR = _NORM_EPSILON**0.5
 
 
 def _l2_norm(x, axis):
-  return ops.sqrt(
-      ops.maximum(ops.sum(ops.square(x), axis=axis, keepdims=True), _NORM_EPSILON)
-  )
+  """sqrt(max(sum(x^2), _NORM_EPSILON)) along ``axis`` (kept).
+
+  Computed as m ||x / m|| with m = max |x| (held constant for the gradient, which
+  is that of ||x||): the squares of x / m lie in [0, 1], so they neither overflow
+  (|x| > 1e19 in float32 and bfloat16, > 255 in float16) nor underflow (the floor
+  _NORM_EPSILON is 0 in float16), which made the head's output inf or NaN.
+  """
+  largest = ops.stop_gradient(ops.max(ops.abs(x), axis=axis, keepdims=True))
+  largest = ops.where(largest > 0, largest, _NORM_FLOOR)
+  # sum((x / m)^2) >= 1 unless x = 0 (then m = _NORM_FLOOR and the norm is the floor).
+  squares = ops.maximum(ops.sum(ops.square(x / largest), axis=axis, keepdims=True), 1.0)
+  return ops.maximum(largest * ops.sqrt(squares), _NORM_FLOOR)
 
 
 def split_head_output(y_pred):

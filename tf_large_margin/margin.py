@@ -47,14 +47,29 @@ def flat_norm(x, ord):  # pylint: disable=redefined-builtin
     ord: 1, 2 or np.inf.
 
   Returns:
-    A [batch] tensor.
+    A [batch] tensor. Its gradient is finite everywhere: for ord 2 the subgradient
+    at x = 0 is 0 (`tf.norm`'s gradient x / ||x|| is 0 / 0 = NaN there, e.g. the
+    margin's denominator with ``use_approximation=False`` where the softmax saturates).
   """
   x = tf.reshape(x, [tf.shape(x)[0], -1])
   if ord == 1:
     return tf.reduce_sum(tf.abs(x), axis=1)
   if ord == 2:
-    return tf.norm(x, ord=2, axis=1)
+    return safe_norm(x, axis=1)
   return tf.reduce_max(tf.abs(x), axis=1)
+
+
+def safe_norm(x, axis, keepdims=False):
+  """Euclidean norm ||x||_2 = sqrt(sum x^2) along ``axis``, with gradient 0 at x = 0.
+
+  The value is `tf.norm`'s. Its gradient x / ||x||_2 is 0 / 0 = NaN where x = 0;
+  here that subgradient is 0 instead (a `tf.where` on both sides of the square
+  root keeps the unused branch finite).
+  """
+  squares = tf.reduce_sum(tf.square(x), axis=axis, keepdims=keepdims)
+  positive = squares > 0
+  root = tf.sqrt(tf.where(positive, squares, tf.ones_like(squares)))
+  return tf.where(positive, root, tf.zeros_like(squares))
 
 
 def top_k_probability_differences(probs, one_hot_labels, top_k):
@@ -219,8 +234,9 @@ def aggregation_weights(per_example_loss, correct=None, aggregation="mean"):
   else:
     count = 1 if aggregation == "min" else aggregation
     count = tf.minimum(count, tf.reduce_sum(tf.cast(in_set, tf.int32)))
+    lowest = tf.constant(-np.inf, per_example_loss.dtype)  # float64 losses too
     ranked = tf.where(
-        in_set, per_example_loss, tf.fill(tf.shape(per_example_loss), -np.inf)
+        in_set, per_example_loss, tf.fill(tf.shape(per_example_loss), lowest)
     )
     _, top = tf.math.top_k(ranked, k=count)
     chosen = tf.scatter_nd(
@@ -238,6 +254,27 @@ def check_top_k(top_k, num_classes=None):
     raise ValueError(f"top_k must be in [1, num_classes={num_classes}]; got {top_k}.")
   if top_k < 1:
     raise ValueError(f"top_k must be >= 1; got {top_k}.")
+
+
+def check_epsilon(epsilon, positive=False):
+  """Raises ValueError unless ``epsilon`` is a finite number >= 0 (> 0 if ``positive``).
+
+  The losses need epsilon > 0: with epsilon = 0 the distance (p_y - p_j) / ||grad||
+  is +-1 / 0 or 0 / 0 wherever the gradient vanishes (a saturated softmax, dead
+  ReLUs, zero inputs), so the loss or its gradient is NaN.
+  """
+  try:
+    value = float(epsilon)
+  except (TypeError, ValueError):
+    raise ValueError(f"epsilon must be a number; got {epsilon!r}.") from None
+  if isinstance(epsilon, bool) or not np.isfinite(value) or value < 0:
+    raise ValueError(f"epsilon must be finite and >= 0; got {epsilon!r}.")
+  if positive and value == 0:
+    raise ValueError(
+        "epsilon must be > 0 for the margin loss: with epsilon = 0 the distance "
+        "(p_y - p_j) / ||grad (p_y - p_j)|| is +-1 / 0 or 0 / 0 wherever the gradient "
+        "vanishes (saturated softmax, dead ReLUs, zero inputs); got 0."
+    )
 
 
 def check_layers_weights(layers_weights, num_layers):
@@ -296,7 +333,11 @@ def _distances(differences, gradients, dual, weight, epsilon, use_approximation)
   )
   if use_approximation:
     norms = tf.stop_gradient(norms)
-  return differences / (norms + epsilon)
+  denominators = norms + epsilon
+  # epsilon = 0 and a vanishing gradient on the boundary (p_y = p_(j)): 0 / 0 is the
+  # distance 0, as for any epsilon > 0 (a nonzero difference gives +-inf).
+  on_boundary = tf.equal(differences, 0.0) & tf.equal(denominators, 0.0)
+  return tf.where(on_boundary, tf.zeros_like(differences), differences / denominators)
 
 
 def _vector_jacobian_product(tape, target, sources, cotangent, record):
@@ -339,7 +380,8 @@ def margin_distances(
     top_k: number of competing classes, in [1, classes].
     dist_norm: norm p of the distance, 1, 2 or np.inf (the gradient is measured in
       its dual norm q).
-    epsilon: added to the gradient norm.
+    epsilon: added to the gradient norm, >= 0 (with 0, the distance is +-inf where
+      the gradient vanishes, and 0 there on the boundary p_y = p_(j)).
     use_approximation: stop the gradient through the norm (denominator).
     layers_weights: positive weights w_l, one per layer (default 1); the gradient
       norm is divided by w_l.
@@ -353,6 +395,7 @@ def margin_distances(
     for half-precision logits, the logits' dtype otherwise).
   """
   logits, one_hot_labels = _check_logits_and_labels(logits, one_hot_labels)
+  check_epsilon(epsilon)
   layers_list = list(layers_list)
   layers_weights = _check_hyperparameters(
       top_k, logits.shape[1], dist_norm, len(layers_list), layers_weights
@@ -421,6 +464,7 @@ def large_margin_per_example(
   Its batch mean is `large_margin`; see there for the arguments, and
   `distance_loss` for ``shrinkage``.
   """
+  check_epsilon(epsilon, positive=True)
   _, distances = margin_distances(
       logits=logits,
       one_hot_labels=one_hot_labels,
@@ -487,7 +531,7 @@ def large_margin(
       gradient).
     top_k: number of competing classes.
     dist_norm: 1, 2 or np.inf.
-    epsilon: added to the gradient norm.
+    epsilon: added to the gradient norm, > 0 (ValueError for 0: `check_epsilon`).
     use_approximation: stop the gradient through the denominator.
     worst_case_loss: only the smallest distance over the top-k classes counts.
     layers_weights: positive per-layer weights (the gradient norm is divided by them).
@@ -542,6 +586,7 @@ def logit_margin_per_example(
   """
   logits, one_hot_labels = _check_logits_and_labels(logits, one_hot_labels)
   _check_hyperparameters(top_k, logits.shape[1], dist_norm, 1, None)
+  check_epsilon(epsilon, positive=True)
   probs = tf.nn.softmax(tf.cast(logits, one_hot_labels.dtype))
   differences, competitors = top_k_probability_differences(
       probs, one_hot_labels, top_k

@@ -43,6 +43,10 @@ The softmax losses reduce to plain softmax cross-entropy on the logits
 `scale * cos(theta)` when the margin vanishes (`margin=0` for `AMSoftmax`,
 `ArcFace`; `m=1` for `LSoftmax`, `SphereFace`), i.e. to
 `keras.losses.sparse_categorical_crossentropy(y, s * cos, from_logits=True)`.
+
+Half-precision `y_pred` (float16, bfloat16) is widened to float32 and the loss is
+computed and returned in float32, so margins, scales and logits beyond float16's
+range (65504) stay finite.
 """
 
 import math
@@ -107,6 +111,14 @@ def _check_variant(variant):
   return variant
 
 
+def _working_precision(y_pred):
+  """``y_pred`` as a tensor, half precision (float16, bfloat16) widened to float32."""
+  y_pred = ops.convert_to_tensor(y_pred)
+  if keras.backend.standardize_dtype(y_pred.dtype) in ("float16", "bfloat16"):
+    return ops.cast(y_pred, "float32")
+  return y_pred
+
+
 def _one_hot_like(y_true, scores):
   num_classes = scores.shape[-1]
   if num_classes is None:
@@ -169,7 +181,7 @@ def multiclass_hinge(y_true, y_pred, variant="crammer_singer", margin=1.0):
   """
   variant = _check_variant(variant)
   margin = _check_real("margin", margin)
-  y_pred = ops.convert_to_tensor(y_pred)
+  y_pred = _working_precision(y_pred)
   one_hot = _one_hot_like(y_true, y_pred)
   z_y = _target_column(one_hot, y_pred)
   if variant == "weston_watkins":
@@ -227,6 +239,7 @@ class MulticlassHinge(keras.losses.Loss):
     )
 
   def call(self, y_true, y_pred):
+    y_pred = _working_precision(y_pred)
     loss = multiclass_hinge(y_true, y_pred, variant=self.variant, margin=self.margin)
     if self.cross_entropy_weight:
       one_hot = _one_hot_like(y_true, y_pred)
@@ -285,7 +298,7 @@ def am_softmax(y_true, y_pred, margin=0.35, scale=30.0):
   """
   margin = _check_real("margin", margin)
   scale = _check_real("scale", scale, positive=True)
-  cos = ops.convert_to_tensor(y_pred)
+  cos = _working_precision(y_pred)
   one_hot = _one_hot_like(y_true, cos)
   target = _target_column(one_hot, cos) - margin
   return _softmax_xent(one_hot, scale * _replace_target(one_hot, cos, target))
@@ -399,7 +412,7 @@ def arcface(y_true, y_pred, margin=0.5, scale=64.0):
   """
   margin = _check_real("margin", margin, upper=math.pi)
   scale = _check_real("scale", scale, positive=True)
-  cos = ops.convert_to_tensor(y_pred)
+  cos = _working_precision(y_pred)
   one_hot = _one_hot_like(y_true, cos)
   c_y = _target_column(one_hot, cos)
   eps = keras.config.epsilon()
@@ -701,7 +714,7 @@ def l_softmax(y_true, y_pred, m=2, lambda_=0.0):
         "`l_softmax` / `sphereface` take the value of lambda, not a schedule; "
         "use the `LSoftmax` / `SphereFace` loss classes for a schedule."
     )
-  cos, norms = split_head_output(y_pred)
+  cos, norms = split_head_output(_working_precision(y_pred))
   one_hot = _one_hot_like(y_true, cos)
   cos_y = _target_column(one_hot, cos)
   psi_y = _psi(cos_y, m)
