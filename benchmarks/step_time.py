@@ -24,7 +24,7 @@ import tensorflow as tf
 
 import tf_large_margin as tlm
 from tf_large_margin import architectures
-from tf_large_margin import margin
+from tf_large_margin import margin_loss
 
 flags.DEFINE_integer("batch_size", 256, "Batch size.")
 flags.DEFINE_integer("steps", 10, "Timed steps per variant (after 2 warm-up steps).")
@@ -47,8 +47,8 @@ def original_large_margin(
 ):
   """The original TF1 construction: tf.gradients per layer and per class."""
   probs = tf.nn.softmax(logits)
-  differences, _ = margin.top_k_probability_differences(probs, one_hot_labels, top_k)
-  dual = margin.dual_norm(dist_norm)
+  differences, _ = margin_loss.top_k_probability_differences(probs, one_hot_labels, top_k)
+  dual = margin_loss.dual_norm(dist_norm)
   losses = []
   for weight, layer in zip(layers_weights, layers_list):
     norms = tf.concat(
@@ -65,7 +65,7 @@ def original_large_margin(
         axis=1,
     )
     distances = differences / (tf.stop_gradient(norms) + epsilon)
-    losses.append(tf.reduce_mean(margin.distance_loss(distances, gamma, alpha_factor)))
+    losses.append(tf.reduce_mean(margin_loss.distance_loss(distances, gamma, alpha_factor)))
   return tf.reduce_mean(losses)
 
 

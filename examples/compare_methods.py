@@ -34,7 +34,7 @@ import tensorflow as tf
 
 import tf_large_margin as tlm
 from tf_large_margin import datasets
-from tf_large_margin import margins
+from tf_large_margin import margin_estimation
 from tf_large_margin import regularizers
 
 import lambda_flags
@@ -127,8 +127,8 @@ def build(method):
 
 def input_margins(model, x, y):
   """Median first-order and DeepFool l2 input margins of correct test images."""
-  first_order, correct = margins.first_order_margins(model, x, y, dist_norm=2)
-  _, deepfool = margins.deepfool(model, x, y, norm=2)
+  first_order, correct = margin_estimation.first_order_margins(model, x, y, dist_norm=2)
+  _, deepfool = margin_estimation.deepfool(model, x, y, norm=2)
   return (
       float(np.median(first_order["input"][correct])),
       float(np.median(deepfool[correct])),

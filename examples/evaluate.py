@@ -22,7 +22,7 @@ the examples: their logits cos * scale are evaluated), on the first
 * margins of the correctly classified examples, in the ``--dist_norm`` norm: first
   order (Eq. 10's distance) at each of ``--margin_layers``, the linearised-logit
   distance in the input space and DeepFool's upper bound on the input-space margin
-  (see `tf_large_margin.margins`).
+  (see `tf_large_margin.margin_estimation`).
 
 Writes to ``--output_dir``: ``eval.json``, ``accuracy_vs_epsilon.png`` (one curve per
 model; black-box dashed), ``gaussian_noise.png`` and ``margins_<model>.png``
@@ -51,7 +51,7 @@ from tf_large_margin import attacks
 from tf_large_margin import certified
 from tf_large_margin import datasets
 from tf_large_margin import layers
-from tf_large_margin import margins
+from tf_large_margin import margin_estimation
 
 matplotlib.use("Agg")
 from matplotlib import pyplot  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -118,8 +118,8 @@ flags.DEFINE_string("output_dir", "eval", "Directory of eval.json and the plots.
 WHITE_BOX_ATTACKS = ("fgsm", "iterative_fgsm")
 ATTACK_TITLES = {"fgsm": "FGSM", "iterative_fgsm": "Iterative FGSM"}
 ESTIMATE_TITLES = {
-    margins.LINEARIZED: "input (linearised logits)",
-    margins.DEEPFOOL: "input (DeepFool)",
+    margin_estimation.LINEARIZED: "input (linearised logits)",
+    margin_estimation.DEEPFOOL: "input (DeepFool)",
 }
 
 
@@ -245,7 +245,7 @@ def certified_accuracy(model, dataset, epsilons):
 
 def margin_results(model, dataset, num_batches):
   """(per-example margins, their summaries over correctly classified examples)."""
-  values = margins.dataset_margins(
+  values = margin_estimation.dataset_margins(
       model,
       dataset,
       layers=FLAGS.margin_layers,
@@ -253,7 +253,7 @@ def margin_results(model, dataset, num_batches):
       deepfool_steps=FLAGS.deepfool_steps,
       progress=lambda i: progress(f"  margins: batch {i + 1}/{num_batches}"),
   )
-  summary = margins.summarize_margins(
+  summary = margin_estimation.summarize_margins(
       values, thresholds=[float(t) for t in FLAGS.thresholds]
   )
   return values, summary
@@ -328,7 +328,7 @@ def plot_gaussian(results, path):
 def plot_margin_histograms(name, values, path):
   """One histogram per estimate (layers, DeepFool) over the correctly classified
   examples (DeepFool: those it flipped)."""
-  estimates = [key for key in values if key != margins.CORRECT]
+  estimates = [key for key in values if key != margin_estimation.CORRECT]
   columns = min(3, len(estimates))
   rows = -(-len(estimates) // columns)
   figure, axes = pyplot.subplots(

@@ -7,7 +7,7 @@ import tensorflow as tf
 import tf_large_margin as tlm
 from tf_large_margin import architectures
 from tf_large_margin import datasets
-from tf_large_margin import margin
+from tf_large_margin import margin_loss
 from tf_large_margin import regularizers
 from tf_large_margin.optimizers import RMSpropTF1
 
@@ -22,7 +22,7 @@ def median_input_margin(model, x, y):
   with tf.GradientTape() as tape:
     tape.watch(x)
     logits = model(x)
-  _, (distances,) = margin.margin_distances(
+  _, (distances,) = margin_loss.margin_distances(
       logits=logits,
       one_hot_labels=tf.one_hot(y, 10),
       layers_list=[x],

@@ -11,7 +11,7 @@ import pytest
 from tf_large_margin import architectures
 from tf_large_margin import attacks
 from tf_large_margin import certified
-from tf_large_margin import margins
+from tf_large_margin import margin_estimation
 from tf_large_margin.normalization import BatchNormalizationTF1
 
 NORMS = [np.inf, 2]
@@ -322,7 +322,7 @@ def test_radius_is_below_deepfool_and_positive_when_confident(network, norm):
         )
         for method in ("ibp", "crown")
     }
-  _, deepfool = margins.deepfool(model, x, labels, norm=norm)
+  _, deepfool = margin_estimation.deepfool(model, x, labels, norm=norm)
   assert np.isfinite(deepfool).mean() >= 0.5  # inf: not flipped, no upper bound
   logits = np.sort(model(x).numpy(), axis=1)
   confident = logits[:, -1] - logits[:, -2] > 1e-2

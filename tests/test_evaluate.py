@@ -13,7 +13,7 @@ import tf_large_margin as tlm
 from tf_large_margin import attacks
 from tf_large_margin import certified
 from tf_large_margin import datasets
-from tf_large_margin import margins
+from tf_large_margin import margin_estimation
 
 import matplotlib  # noqa: F401  (the plots need it: a missing install fails here)
 
@@ -158,10 +158,10 @@ def test_report_values_equal_the_library(evaluation):
       attacks.robust_accuracy(target, dataset, "gaussian", sigma=0.3, seed=4)
   )
   assert result["white_box"]["fgsm"]["0.1"] < clean  # the attack did something
-  values = margins.dataset_margins(
+  values = margin_estimation.dataset_margins(
       target, dataset, ["input", "fc0"], dist_norm=2, deepfool_steps=10
   )
-  summary = margins.summarize_margins(values, thresholds=[0.5])
+  summary = margin_estimation.summarize_margins(values, thresholds=[0.5])
   for name in ("input", "fc0", "linearized", "deepfool"):
     assert result["margins"][name]["count"] == round(clean * NUM_EXAMPLES)
     assert result["margins"][name]["median"] == pytest.approx(
@@ -265,8 +265,8 @@ def test_model_with_cos_scale_head(tmp_path):
   )
   # The bounds do not support the cosine head: reported, not fatal.
   assert "CosineHead" in result["certified_unavailable"]
-  summary = margins.summarize_margins(
-      margins.dataset_margins(logits_model, dataset, ["input"], deepfool_steps=10)
+  summary = margin_estimation.summarize_margins(
+      margin_estimation.dataset_margins(logits_model, dataset, ["input"], deepfool_steps=10)
   )
   for name in ("input", "deepfool"):
     assert np.isfinite(result["margins"][name]["median"])

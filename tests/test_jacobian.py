@@ -7,7 +7,7 @@ import tensorflow as tf
 
 from tf_large_margin.jacobian import JacobianModel
 from tf_large_margin.jacobian import jacobian_penalty
-from tf_large_margin.margin import safe_norm
+from tf_large_margin.margin_loss import safe_norm
 
 rng = np.random.default_rng(0)
 X = rng.normal(size=(4, 3, 3, 1))

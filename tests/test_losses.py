@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 import tf_large_margin as tlm
-from tf_large_margin import margin
+from tf_large_margin import margin_loss
 
 rng = np.random.default_rng(0)
 LOGITS = rng.normal(size=(8, 5)).astype("float32") * 2
@@ -23,7 +23,7 @@ def per_example_reference(logits, labels, xent_weight=0.0):
       tape.watch(z)
       out = z * 1.0
     values.append(
-        margin.large_margin(
+        margin_loss.large_margin(
             logits=out,
             one_hot_labels=tf.one_hot(labels[b : b + 1], 5),
             layers_list=[out],
@@ -171,10 +171,10 @@ class TestAggregation:
   def test_identity_shrinkage_is_minus_distance(self):
     z = tf.constant(LOGITS)
     probs = tf.nn.softmax(z)
-    diff, competitors = margin.top_k_probability_differences(
+    diff, competitors = margin_loss.top_k_probability_differences(
         probs, tf.one_hot(LABELS, 5), 3
     )
-    grads = margin.probability_difference_cotangents(
+    grads = margin_loss.probability_difference_cotangents(
         probs, tf.one_hot(LABELS, 5), competitors
     )
     norms = np.stack([np.abs(g.numpy()).max(axis=1) for g in grads], axis=1)  # linf

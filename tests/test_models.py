@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 import tf_large_margin as tlm
-from tf_large_margin import margin
+from tf_large_margin import margin_loss
 
 CLASSES = 4
 
@@ -75,7 +75,7 @@ def test_step_equals_hand_written_step(layers_weights):
       tape.watch(xt)
       conv, fc, logits = probe(xt, training=True)
     one_hot = tf.one_hot(y, CLASSES)
-    per_example = margin.large_margin_per_example(
+    per_example = margin_loss.large_margin_per_example(
         logits=logits,
         one_hot_labels=one_hot,
         layers_list=[xt, conv, fc],

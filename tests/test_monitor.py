@@ -1,4 +1,4 @@
-"""MarginMonitor: logged values against direct margins.py calls, event files, plot."""
+"""MarginMonitor: logged values against direct margin_estimation.py calls, event files, plot."""
 
 import csv
 import glob
@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 import tf_large_margin as tlm
-from tf_large_margin import margins
+from tf_large_margin import margin_estimation
 from tf_large_margin import monitor
 
 DIM = 5
@@ -113,10 +113,10 @@ def test_logs_the_expected_keys(trained):
 def test_values_equal_direct_margin_calls(trained):
   model, x, y = trained["model"], trained["x"], trained["y"]
   history = trained["history"]
-  first_order, correct = margins.first_order_margins(model, x, y, LAYERS)
+  first_order, correct = margin_estimation.first_order_margins(model, x, y, LAYERS)
   direct = dict(first_order)
-  direct["linearized"] = margins.linearized_margins(model, x, y)
-  direct["deepfool"] = margins.deepfool(model, x, y)[1]
+  direct["linearized"] = margin_estimation.linearized_margins(model, x, y)
+  direct["deepfool"] = margin_estimation.deepfool(model, x, y)[1]
   assert 0.8 < correct.mean() < 1.0  # some correct examples and some errors
   latest = trained["monitor"].margins
   np.testing.assert_array_equal(latest["correct"], correct)
@@ -132,7 +132,7 @@ def test_values_equal_direct_margin_calls(trained):
 
 def test_statistics_are_those_of_summarize_margins(trained):
   latest = trained["monitor"].margins
-  summary = margins.summarize_margins(latest, quantiles=(0.1,))
+  summary = margin_estimation.summarize_margins(latest, quantiles=(0.1,))
   for name, values in summary.items():
     assert trained["monitor"].statistics[f"margin_median/{name}"] == values["median"]
     assert trained["monitor"].statistics[f"margin_p10/{name}"] == (
@@ -201,7 +201,7 @@ def test_every_n_epochs_and_csv_logger(tmp_path):
   # Epoch 5 was not measured: the plot shows the final weights' margins.
   assert os.path.exists(tmp_path / "final.png")
   batched = [(x_val[i : i + 16], y_val[i : i + 16]) for i in range(0, 40, 16)]
-  direct = margins.dataset_margins(model, batched, LAYERS, deepfool_steps=0)
+  direct = margin_estimation.dataset_margins(model, batched, LAYERS, deepfool_steps=0)
   for name in ("correct", "input", "hidden", "linearized"):
     np.testing.assert_array_equal(margin_monitor.margins[name], direct[name])
 
@@ -221,7 +221,7 @@ def test_plain_keras_model_monitors_the_input_only(tmp_path):
   margin_monitor = monitor.MarginMonitor(x_val, one_hot, num_examples=100)
   history = fit(model, [margin_monitor], epochs=2).history
   assert set(margin_monitor.keys) == expected_keys(["input", "linearized"])
-  first_order, correct = margins.first_order_margins(model, x_val, y_val)
+  first_order, correct = margin_estimation.first_order_margins(model, x_val, y_val)
   median, _ = statistics_by_hand(first_order["input"], correct)
   assert history["margin_median/input"][-1] == median
 

@@ -40,8 +40,8 @@ import tensorflow as tf
 import tf_large_margin as tlm
 from tf_large_margin import attacks
 from tf_large_margin import certified
-from tf_large_margin import margin
-from tf_large_margin import margins
+from tf_large_margin import margin_loss
+from tf_large_margin import margin_estimation
 from tf_large_margin import output_margin
 
 # ---------------------------------------------------------------------------
@@ -234,7 +234,7 @@ def test_margin_functions_on_logits_are_finite(dtype, data):
   one_hot = tf.one_hot(labels, classes, dtype=dtype)
   with tf.GradientTape(persistent=True) as tape:
     tape.watch(z)
-    per_example = margin.logit_margin_per_example(
+    per_example = margin_loss.logit_margin_per_example(
         logits=z,
         one_hot_labels=one_hot,
         shrinkage=data.draw(st.sampled_from(["clip", "identity"])),
@@ -316,7 +316,7 @@ def test_float16_margin_gradient_overflows_without_the_approximation():
   z = tf.constant([[0.0, 14.0]], tf.float16)
   with tf.GradientTape() as tape:
     tape.watch(z)
-    value = margin.logit_margin_per_example(
+    value = margin_loss.logit_margin_per_example(
         logits=z,
         one_hot_labels=tf.one_hot([0], 2, dtype=tf.float16),
         gamma=1e30,
@@ -343,7 +343,7 @@ def test_use_approximation_false_at_a_saturated_softmax():
   x = tf.zeros([3, 2])
   with tf.GradientTape() as tape:
     tape.watch(x)
-    norms = margin.flat_norm(x, 2)
+    norms = margin_loss.flat_norm(x, 2)
   np.testing.assert_array_equal(tape.gradient(norms, x), np.zeros([3, 2]))
 
 
@@ -448,7 +448,7 @@ def test_margin_loss_rejects_epsilon_zero_but_estimates_allow_it(dtype, data, ep
   with pytest.raises(ValueError, match="epsilon"):
     tlm.LargeMarginLoss(epsilon=epsilon)(labels, z)
   with pytest.raises(ValueError, match="epsilon"):
-    margin.logit_margin_per_example(logits=z, one_hot_labels=one_hot, epsilon=epsilon)
+    margin_loss.logit_margin_per_example(logits=z, one_hot_labels=one_hot, epsilon=epsilon)
   with tf.GradientTape(persistent=True) as tape:
     tape.watch(z)
     logits_again = tf.identity(z)
@@ -489,7 +489,7 @@ def test_first_order_margins_epsilon_zero_on_zero_inputs_is_not_nan():
           keras.layers.Dense(3, use_bias=False, name="logits"),
       ]
   )
-  found, _ = margins.first_order_margins(
+  found, _ = margin_estimation.first_order_margins(
       model, np.zeros((2, IN_DIM), "float32"), [0, 2], ["input", "h"], epsilon=0.0
   )
   np.testing.assert_array_equal(found["input"], [0.0, 0.0])
@@ -597,7 +597,7 @@ def output_loss_case(draw, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @budget(20)
 @hypothesis.given(data=st.data())
-def test_output_margin_losses_are_finite(dtype, data):
+def test_output_margines_are_finite(dtype, data):
   """The plain functions on y_pred of ``dtype`` and the Keras loss classes (which
   cast y_pred to their dtype, float32 by default)."""
   name, options, y_pred, labels = data.draw(output_loss_case(dtype))
@@ -625,7 +625,7 @@ def test_output_margin_losses_are_finite(dtype, data):
   assert_gradients_finite(f"d {name} loss / d y_pred", [tape.gradient(value, y_in)])
 
 
-def test_output_margin_losses_compute_half_precision_in_float32():
+def test_output_margines_compute_half_precision_in_float32():
   """Regression: with float16 y_pred a margin, scale or logit beyond float16's
   range (the hinge margin 1e30, AM-Softmax / ArcFace scale 1e5, an L-Softmax
   target logit of -140000) became inf and the loss inf or NaN; half precision is
@@ -944,7 +944,7 @@ def test_margin_estimators_are_finite(dtype, data):
   classes = params[2].shape[1]
   norm = data.draw(st.sampled_from([1, 2, np.inf]))
   epsilon = data.draw(st.sampled_from([1e-8, 0.0]))
-  found, correct = margins.first_order_margins(
+  found, correct = margin_estimation.first_order_margins(
       model,
       x,
       labels,
@@ -958,9 +958,9 @@ def test_margin_estimators_are_finite(dtype, data):
     if epsilon > 0:
       assert_finite(f"first-order margin at {name}", values)
     assert not np.any(np.isnan(values)), f"first-order margin at {name}: {values}"
-  linearized = margins.linearized_margins(model, x, labels, norm)
+  linearized = margin_estimation.linearized_margins(model, x, labels, norm)
   assert not np.any(np.isnan(linearized) | (linearized == -np.inf)), linearized
-  x_adv, distances = margins.deepfool(
+  x_adv, distances = margin_estimation.deepfool(
       model,
       x,
       labels,

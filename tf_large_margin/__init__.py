@@ -20,9 +20,9 @@ from tf_large_margin import regularizers
 from tf_large_margin.jacobian import JacobianModel
 from tf_large_margin.layers import CosineHead
 from tf_large_margin.losses import LargeMarginLoss
-from tf_large_margin.margin import large_margin
-from tf_large_margin.margin import large_margin_per_example
-from tf_large_margin.margin import margin_distances
+from tf_large_margin.margin_loss import large_margin
+from tf_large_margin.margin_loss import large_margin_per_example
+from tf_large_margin.margin_loss import margin_distances
 from tf_large_margin.models import MarginModel
 from tf_large_margin.models import MarginTraining
 from tf_large_margin.monitor import MarginMonitor

@@ -40,7 +40,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from tf_large_margin import margin
+from tf_large_margin import margin_loss
 
 ATTACK_NORMS = (2, np.inf)
 XENT = "xent"
@@ -215,7 +215,7 @@ def loss_gradient(model, x, labels, loss=XENT):
 
 def gradient_is_zero(gradient, threshold=ZERO_GRADIENT_THRESHOLD):
   """[batch] bool: max_i |g_i| <= threshold for each example of ``gradient``."""
-  return margin.flat_norm(gradient, np.inf) <= threshold
+  return margin_loss.flat_norm(gradient, np.inf) <= threshold
 
 
 def steepest_ascent_direction(gradient, norm):
@@ -228,7 +228,7 @@ def steepest_ascent_direction(gradient, norm):
     return tf.sign(gradient)
   if norm == 2:
     return tf.math.divide_no_nan(
-        gradient, expand_to(margin.flat_norm(gradient, 2), gradient)
+        gradient, expand_to(margin_loss.flat_norm(gradient, 2), gradient)
     )
   flat = tf.reshape(gradient, [tf.shape(gradient)[0], -1])
   largest = tf.one_hot(
@@ -245,7 +245,7 @@ def project_to_ball(delta, epsilon, norm):
   """
   if norm == np.inf:
     return tf.clip_by_value(delta, -epsilon, epsilon)
-  norms = expand_to(margin.flat_norm(delta, 2), delta)
+  norms = expand_to(margin_loss.flat_norm(delta, 2), delta)
   # (the tensor first: a leading 1.0 would be float32 against float64 inputs)
   return delta * tf.minimum(epsilon / tf.maximum(norms, 1e-12), 1.0)
 

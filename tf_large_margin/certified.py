@@ -1,6 +1,6 @@
 """Certified lower bounds on the input-space margin: IBP and CROWN.
 
-The estimates of `tf_large_margin.margins` (linearised distance, DeepFool) are
+The estimates of `tf_large_margin.margin_estimation` (linearised distance, DeepFool) are
 heuristics or upper bounds on the distance to the decision boundary. This module
 gives lower bounds: a radius r such that no input of the ball
 

@@ -23,7 +23,7 @@ import tensorflow as tf
 from keras.src.losses.loss import scale_loss_for_distribution
 from keras.src.losses.loss import unscale_loss_for_distribution
 
-from tf_large_margin.margin import safe_norm
+from tf_large_margin.margin_loss import safe_norm
 from tf_large_margin.models import TotalLossStep
 from tf_large_margin.models import layer_outputs_model
 

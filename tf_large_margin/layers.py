@@ -317,7 +317,7 @@ def logits_model(model):
   output is `head_output_logits` of `model`'s output.
 
   Attacks (`tf_large_margin.attacks`), margin estimates
-  (`tf_large_margin.margins`) and `argmax` predictions need the logits; models
+  (`tf_large_margin.margin_estimation`) and `argmax` predictions need the logits; models
   trained with `LSoftmax` / `SphereFace` return `[cos, scale]`.
 
   Args:

@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_large_margin import margin
+from tf_large_margin import margin_loss
 from tf_large_margin.labels import to_one_hot
 
 
@@ -76,8 +76,8 @@ class LargeMarginLoss(keras.losses.Loss):
       dtype=None,
   ):
     super().__init__(name=name, reduction=reduction, dtype=dtype)
-    margin.dual_norm(dist_norm)
-    margin.check_top_k(top_k)
+    margin_loss.dual_norm(dist_norm)
+    margin_loss.check_top_k(top_k)
     if cross_entropy_weight < 0:
       raise ValueError(
           f"cross_entropy_weight must be >= 0; got {cross_entropy_weight}."
@@ -95,8 +95,8 @@ class LargeMarginLoss(keras.losses.Loss):
     self.from_logits = bool(from_logits)
     if isinstance(shrinkage, dict):
       shrinkage = keras.saving.deserialize_keras_object(shrinkage)
-    margin.get_shrinkage(shrinkage)
-    margin.check_aggregation(aggregation)
+    margin_loss.get_shrinkage(shrinkage)
+    margin_loss.check_aggregation(aggregation)
     self.shrinkage = shrinkage
     self.aggregation = aggregation
     self.correct_only = bool(correct_only)
@@ -133,11 +133,11 @@ class LargeMarginLoss(keras.losses.Loss):
     (``tape``: the tape that recorded ``logits`` from ``layers_list``).
     """
     if layers_list is None:
-      margin_values = margin.logit_margin_per_example(
+      margin_values = margin_loss.logit_margin_per_example(
           logits=logits, one_hot_labels=one_hot, **self.margin_kwargs
       )
     else:
-      margin_values = margin.large_margin_per_example(
+      margin_values = margin_loss.large_margin_per_example(
           logits=logits,
           one_hot_labels=one_hot,
           layers_list=layers_list,
@@ -149,7 +149,7 @@ class LargeMarginLoss(keras.losses.Loss):
       correct = None
       if self.correct_only:
         correct = tf.equal(tf.argmax(logits, axis=1), tf.argmax(one_hot, axis=1))
-      margin_values *= margin.aggregation_weights(
+      margin_values *= margin_loss.aggregation_weights(
           margin_values, correct, self.aggregation
       )
     xent_values = tf.nn.softmax_cross_entropy_with_logits(

@@ -14,7 +14,7 @@ from keras.src.trainers.data_adapters.data_adapter_utils import (
 )
 
 from tf_large_margin import distribute
-from tf_large_margin import margin
+from tf_large_margin import margin_loss
 from tf_large_margin.labels import to_one_hot
 from tf_large_margin.losses import LargeMarginLoss
 
@@ -114,7 +114,7 @@ class MarginTraining(TotalLossStep):
       raise ValueError("margin_layers is empty: name at least one layer or 'input'.")
     if layers_weights is not None and layers_weights != SIZE:
       layers_weights = [float(w) for w in layers_weights]
-      margin.check_layers_weights(layers_weights, len(margin_layers))
+      margin_loss.check_layers_weights(layers_weights, len(margin_layers))
     self.margin_layers = margin_layers
     self.layers_weights = layers_weights
     self._margin_tracker = keras.metrics.Mean(name="margin")

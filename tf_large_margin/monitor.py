@@ -2,7 +2,7 @@
 
 Every ``every_n_epochs`` epochs it computes, on a fixed subset of at most
 ``num_examples`` validation examples (evaluated in batches of ``batch_size``), the
-per-example margin estimates of `tf_large_margin.margins`:
+per-example margin estimates of `tf_large_margin.margin_estimation`:
 
 * Eq. 10's first-order distance at each margin layer h (Elsayed et al. 2018),
 
@@ -18,7 +18,7 @@ per-example margin estimates of `tf_large_margin.margins`:
   bound on the distance to the boundary.
 
 For each estimate it logs, over the correctly classified examples as
-`tf_large_margin.margins.summarize_margins` does, the median and the 10th percentile
+`tf_large_margin.margin_estimation.summarize_margins` does, the median and the 10th percentile
 
     margin_median/<name> = median_{i: correct} d_i
     margin_p10/<name>    = quantile_{0.1}({d_i : i correct})
@@ -39,8 +39,8 @@ import numpy as np
 import tensorflow as tf
 
 from tf_large_margin import attacks
-from tf_large_margin import margin
-from tf_large_margin import margins
+from tf_large_margin import margin_loss
+from tf_large_margin import margin_estimation
 
 MEDIAN = "margin_median"
 P10 = "margin_p10"
@@ -115,7 +115,7 @@ def monitored_layers(model):
   """The layers of the first-order margins: ``model.margin_layers`` if the model has
   them (a `MarginModel`), else only the input."""
   layers = getattr(model, "margin_layers", None)
-  return tuple(layers) if layers else (margins.INPUT,)
+  return tuple(layers) if layers else (margin_estimation.INPUT,)
 
 
 # ---------------------------------------------------------------------------
@@ -125,7 +125,7 @@ def monitored_layers(model):
 
 def estimate_names(layers, deepfool):
   """The names of the monitored estimates: the layers, "linearized", "deepfool"."""
-  extra = (margins.LINEARIZED, margins.DEEPFOOL) if deepfool else (margins.LINEARIZED,)
+  extra = (margin_estimation.LINEARIZED, margin_estimation.DEEPFOOL) if deepfool else (margin_estimation.LINEARIZED,)
   return tuple(layers) + extra
 
 
@@ -138,13 +138,13 @@ def margin_statistics(margins_by_name):
   """The median and the 10th percentile of each estimate over correct examples.
 
   Args:
-    margins_by_name: a `tf_large_margin.margins.dataset_margins` result.
+    margins_by_name: a `tf_large_margin.margin_estimation.dataset_margins` result.
 
   Returns:
     {"margin_median/<name>": median, "margin_p10/<name>": 10th percentile} as
     floats, computed by `summarize_margins` (NaN without correct examples).
   """
-  summaries = margins.summarize_margins(
+  summaries = margin_estimation.summarize_margins(
       margins_by_name, only_correct=True, quantiles=(P10_QUANTILE,)
   )
   statistics = {}
@@ -159,13 +159,13 @@ def margin_statistics(margins_by_name):
 
 def distribution(margins_by_name, name):
   """The finite margins of the correctly classified examples for estimate ``name``."""
-  values = margins_by_name[name][margins_by_name[margins.CORRECT]]
+  values = margins_by_name[name][margins_by_name[margin_estimation.CORRECT]]
   return values[np.isfinite(values)]
 
 
 def write_summaries(writer, margins_by_name, statistics, step):
   """Writes the histograms and scalars of one measurement at ``step``."""
-  names = [name for name in margins_by_name if name != margins.CORRECT]
+  names = [name for name in margins_by_name if name != margin_estimation.CORRECT]
   with writer.as_default(step=step):
     for name in names:
       tf.summary.histogram(
@@ -184,7 +184,7 @@ def plot_margins(margins_by_name, path, title=""):
   from matplotlib.backends import backend_agg  # pylint: disable=g-import-not-at-top
   from matplotlib import figure  # pylint: disable=g-import-not-at-top
 
-  names = [name for name in margins_by_name if name != margins.CORRECT]
+  names = [name for name in margins_by_name if name != margin_estimation.CORRECT]
   fig = figure.Figure(figsize=(4 * len(names), 3.2), layout="constrained")
   backend_agg.FigureCanvasAgg(fig)
   for axes, name in zip(fig.subplots(1, len(names), squeeze=False)[0], names):
@@ -196,7 +196,7 @@ def plot_margins(margins_by_name, path, title=""):
           np.quantile(values, P10_QUANTILE), color="k", ls="--", label="10th percentile"
       )
       axes.legend(fontsize="small")
-    estimate = name in (margins.LINEARIZED, margins.DEEPFOOL)
+    estimate = name in (margin_estimation.LINEARIZED, margin_estimation.DEEPFOOL)
     axes.set_title(f"{name} (input)" if estimate else f"first order at {name}")
     axes.set_xlabel("margin")
   fig.suptitle(title)
@@ -212,7 +212,7 @@ class MarginMonitor(keras.callbacks.Callback):
   """Logs margin statistics of a fixed validation subset during training.
 
   Every ``every_n_epochs`` epochs (after epochs n - 1, 2n - 1, ... counted from 0),
-  computes `tf_large_margin.margins.dataset_margins` on the first ``num_examples``
+  computes `tf_large_margin.margin_estimation.dataset_margins` on the first ``num_examples``
   examples of ``(x, y)`` in batches of ``batch_size``, and logs the median and 10th
   percentile over correctly classified examples of each estimate (Eq. 10's
   first-order distance at each margin layer, the linearised input margin and
@@ -272,7 +272,7 @@ class MarginMonitor(keras.callbacks.Callback):
     self.plot_path = check_optional_path("plot_path", plot_path)
     self.every_n_epochs = check_positive_int("every_n_epochs", every_n_epochs)
     self.batch_size = check_positive_int("batch_size", batch_size)
-    margin.dual_norm(dist_norm)
+    margin_loss.dual_norm(dist_norm)
     self.dist_norm = dist_norm
     if not isinstance(deepfool, (bool, np.bool_)):
       raise ValueError(f"deepfool must be True or False; got {deepfool!r}.")
@@ -293,10 +293,10 @@ class MarginMonitor(keras.callbacks.Callback):
     layers = (layers,) if isinstance(layers, str) else tuple(layers)
     if not layers:
       raise ValueError("layers is empty: name at least one layer or 'input'.")
-    reserved = set(layers) & set(margins.RESERVED)
+    reserved = set(layers) & set(margin_estimation.RESERVED)
     if reserved:
       raise ValueError(
-          f"The names {margins.RESERVED} are reserved; got layers {layers}."
+          f"The names {margin_estimation.RESERVED} are reserved; got layers {layers}."
       )
     return layers
 
@@ -313,7 +313,7 @@ class MarginMonitor(keras.callbacks.Callback):
 
   def compute_margins(self):
     """The margins of the subset on the current weights (`dataset_margins`)."""
-    return margins.dataset_margins(
+    return margin_estimation.dataset_margins(
         self.model,
         batches(self.x, self.labels, self.batch_size),
         layers=self.monitored_layers(),
@@ -335,7 +335,7 @@ class MarginMonitor(keras.callbacks.Callback):
     self._last_epoch = None
     self._measured_last_epoch = False
     # Unknown layer names raise here, before the first epoch.
-    margins.layer_endpoints(self.model, self.monitored_layers())
+    margin_estimation.layer_endpoints(self.model, self.monitored_layers())
     if self.log_dir is not None and self._writer is None:
       self._writer = tf.summary.create_file_writer(self.log_dir)
 

@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_large_margin import architectures
-from tf_large_margin import margin
+from tf_large_margin import margin_loss
 from tf_large_margin.losses import LargeMarginLoss
 from tf_large_margin.models import MarginModel
 from tf_large_margin.optimizers import RMSpropTF1
@@ -174,7 +174,7 @@ def step_report(model, images, labels):
     logits, hidden = model.margin_endpoints(x, training=True)
   layers_list = [x] + list(hidden)
   one_hot = tf.one_hot(y, logits.shape[-1])
-  differences, distances = margin.margin_distances(
+  differences, distances = margin_loss.margin_distances(
       logits=logits,
       one_hot_labels=one_hot,
       layers_list=layers_list,
@@ -188,7 +188,7 @@ def step_report(model, images, labels):
     variable.assign(value)
   per_layer = [
       tf.reduce_mean(
-          margin.distance_loss(d, loss_fn.gamma, loss_fn.alpha_factor)
+          margin_loss.distance_loss(d, loss_fn.gamma, loss_fn.alpha_factor)
       ).numpy()
       for d in distances
   ]

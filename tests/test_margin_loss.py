@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_large_margin import margin
+from tf_large_margin import margin_loss
 
 BATCH, CLASSES = 3, 5
 # The norm the gradient is measured in, for each distance norm (the spec, stated
@@ -98,7 +98,7 @@ def library_loss_eager(net, x, labels, **kwargs):
   with tf.GradientTape(persistent=True) as tape:
     tape.watch(x)
     layers = net.layers(x)
-  return margin.large_margin(
+  return margin_loss.large_margin(
       logits=layers[-1],
       one_hot_labels=tf.one_hot(labels, CLASSES, dtype=x.dtype),
       layers_list=layers,
@@ -110,7 +110,7 @@ def library_loss_eager(net, x, labels, **kwargs):
 @tf.function
 def _graph_loss(net, x, one_hot, kwargs):
   layers = net.layers(x)
-  return margin.large_margin(
+  return margin_loss.large_margin(
       logits=layers[-1], one_hot_labels=one_hot, layers_list=layers, **kwargs
   )
 
@@ -135,7 +135,7 @@ def library_distances(net, x, labels, **kwargs):
   with tf.GradientTape(persistent=True) as tape:
     tape.watch(x)
     layers = net.layers(x)
-  return margin.margin_distances(
+  return margin_loss.margin_distances(
       logits=layers[-1],
       one_hot_labels=tf.one_hot(labels, CLASSES),
       layers_list=layers,
@@ -234,7 +234,7 @@ def test_exact_gradient_matches_finite_differences(dist_norm):
 def test_original_value_includes_minus_gamma():
   """An example far beyond the margin contributes relu(...) - gamma = -gamma."""
   logits = tf.constant([[20.0, 0.0, 0.0]])
-  value = margin.large_margin(
+  value = margin_loss.large_margin(
       logits=logits,
       one_hot_labels=[[1.0, 0.0, 0.0]],
       layers_list=[logits],
@@ -268,14 +268,14 @@ def test_logit_space_matches_large_margin_at_logits():
     with tf.GradientTape(persistent=True) as tape:
       tape.watch(logits)
       logits_out = logits * 1.0
-    expected = margin.large_margin_per_example(
+    expected = margin_loss.large_margin_per_example(
         logits=logits_out,
         one_hot_labels=one_hot,
         layers_list=[logits_out],
         tape=tape,
         **kwargs
     )
-    actual = margin.logit_margin_per_example(
+    actual = margin_loss.logit_margin_per_example(
         logits=logits, one_hot_labels=one_hot, **kwargs
     )
     np.testing.assert_allclose(actual.numpy(), expected.numpy(), rtol=1e-6)
@@ -283,7 +283,7 @@ def test_logit_space_matches_large_margin_at_logits():
 
 def test_top_k_ties_take_lowest_index():
   probs = tf.constant([[0.4, 0.2, 0.2, 0.2]])
-  diff, competitors = margin.top_k_probability_differences(
+  diff, competitors = margin_loss.top_k_probability_differences(
       probs, tf.constant([[1.0, 0.0, 0.0, 0.0]]), 2
   )
   np.testing.assert_array_equal(competitors.numpy(), [[[0, 1, 0, 0], [0, 0, 1, 0]]])
@@ -318,7 +318,7 @@ def test_top1_exact_ties_share_the_gradient_like_reduce_max():
     with tf.GradientTape(persistent=True) as tape:
       tape.watch(logits)
       z = tf.identity(logits)
-    loss = margin.large_margin(
+    loss = margin_loss.large_margin(
         logits=z, one_hot_labels=one_hot, layers_list=[z], tape=tape, **kwargs
     )
   expected = original_top1_tie_loss(
@@ -337,7 +337,7 @@ def test_top1_exact_ties_share_the_gradient_like_reduce_max():
   norm = np.abs(cotangent).sum()
   np.testing.assert_allclose(grad, -cotangent / (norm + 1e-6), rtol=1e-10)
   np.testing.assert_allclose(
-      margin.logit_margin_per_example(logits=logits, one_hot_labels=one_hot, **kwargs),
+      margin_loss.logit_margin_per_example(logits=logits, one_hot_labels=one_hot, **kwargs),
       [expected],
       rtol=1e-12,
   )
@@ -348,7 +348,7 @@ def test_top1_all_other_probabilities_zero_counts_the_label_as_tied():
   masked entry: TF's reduce_max gradient is shared by all C entries, the label's
   share is masked out; the competitor weights are 1/C on the other classes."""
   probs = tf.constant([[1.0, 0.0, 0.0]])
-  _, competitors = margin.top_k_probability_differences(
+  _, competitors = margin_loss.top_k_probability_differences(
       probs, tf.constant([[1.0, 0.0, 0.0]]), 1
   )
   np.testing.assert_allclose(competitors.numpy(), [[[1 / 3, 1 / 3, 1 / 3]]])
@@ -362,7 +362,7 @@ def test_half_precision_logits_give_float32_finite_loss():
   with tf.GradientTape(persistent=True) as tape:
     tape.watch(half_x)
     layers = half_net.layers(half_x)
-  loss = margin.large_margin(
+  loss = margin_loss.large_margin(
       logits=layers[-1],
       one_hot_labels=tf.one_hot(labels, 5),
       layers_list=layers,
@@ -390,7 +390,7 @@ class TestErrors:
         tape=tape,
     )
     kwargs.update(overrides)
-    return margin.large_margin(**kwargs)
+    return margin_loss.large_margin(**kwargs)
 
   @pytest.mark.parametrize(
       "overrides,match",
@@ -426,7 +426,7 @@ class TestErrors:
       tape.watch(x)
       layers = net.layers(x)
     with pytest.raises(ValueError, match="persistent=True"):
-      margin.large_margin(
+      margin_loss.large_margin(
           logits=layers[-1],
           one_hot_labels=tf.one_hot(labels, 5),
           layers_list=layers,
@@ -439,7 +439,7 @@ class TestErrors:
     def f(x):
       unrelated = tf.identity(x, name="unrelated_tensor")
       logits = tf.reshape(x * 2.0, [3, 25])[:, :5]
-      return margin.large_margin(
+      return margin_loss.large_margin(
           logits=logits,
           one_hot_labels=tf.one_hot([0, 1, 2], 5),
           layers_list=[x, unrelated],

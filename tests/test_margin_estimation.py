@@ -9,8 +9,8 @@ import tensorflow as tf
 
 import tf_large_margin as tlm
 from tf_large_margin import attacks
-from tf_large_margin import margin
-from tf_large_margin import margins
+from tf_large_margin import margin_loss
+from tf_large_margin import margin_estimation
 
 NORMS = [1, 2, np.inf]
 DUAL = {1: np.inf, 2: 2, np.inf: 1}  # the gradient norm q of each distance norm p
@@ -55,17 +55,17 @@ def test_deepfool_is_exact_on_an_affine_classifier(norm):
   labels = np.argmax(model(x), axis=1)
   exact = exact_distance(w, b, x, labels, norm)
   np.testing.assert_allclose(
-      margins.linearized_margins(model, x, labels, norm), exact, rtol=1e-4
+      margin_estimation.linearized_margins(model, x, labels, norm), exact, rtol=1e-4
   )
   wrong = (labels + 1) % 4
-  signed = margins.linearized_margins(model, x, wrong, norm)
+  signed = margin_estimation.linearized_margins(model, x, wrong, norm)
   np.testing.assert_allclose(signed, exact_distance(w, b, x, wrong, norm), rtol=1e-4)
   assert np.all(signed < 0)
-  x_adv, distances = margins.deepfool(model, x, labels, norm=norm, overshoot=0.02)
+  x_adv, distances = margin_estimation.deepfool(model, x, labels, norm=norm, overshoot=0.02)
   np.testing.assert_allclose(distances, 1.02 * exact, rtol=1e-4)
   assert np.all(np.argmax(model(x_adv), axis=1) != labels)
   # One linearisation step reaches the closest boundary of an affine model.
-  _, one_step = margins.deepfool(model, x, labels, norm=norm, max_iter=1)
+  _, one_step = margin_estimation.deepfool(model, x, labels, norm=norm, max_iter=1)
   np.testing.assert_allclose(one_step, distances, rtol=1e-6)
 
 
@@ -74,10 +74,10 @@ def test_deepfool_reports_zero_and_inf():
   model = dense_model(w, b)
   labels = np.argmax(model(x), axis=1)
   wrong = (labels + 1) % 3
-  _, distances = margins.deepfool(model, x, wrong)
+  _, distances = margin_estimation.deepfool(model, x, wrong)
   np.testing.assert_array_equal(distances, 0.0)  # misclassified from the start
   constant = dense_model(np.zeros((DIM, 3)), np.array([1.0, 0.0, 0.0]))  # no gradient
-  _, distances = margins.deepfool(constant, x, np.zeros(4, np.int64))
+  _, distances = margin_estimation.deepfool(constant, x, np.zeros(4, np.int64))
   assert np.all(np.isinf(distances))  # never flipped: no upper bound
 
 
@@ -88,7 +88,7 @@ def test_first_order_margin_on_a_two_class_affine_model(norm):
   x *= 0.5  # logit gaps |u| of a few units
   model = dense_model(w, b)
   labels = np.arange(40) % 2  # half of them misclassified
-  found, correct = margins.first_order_margins(
+  found, correct = margin_estimation.first_order_margins(
       model, x, labels, dist_norm=norm, epsilon=0.0
   )
   z = x.astype(np.float64) @ w + b
@@ -119,7 +119,7 @@ def test_first_order_margin_at_hidden_layers(norm):
   model.get_layer("logits").set_weights([w.astype("float32"), b.astype("float32")])
   x = 0.3 * rng.normal(size=(10, DIM)).astype("float32")
   labels = np.zeros(10, np.int64)
-  found, _ = margins.first_order_margins(
+  found, _ = margin_estimation.first_order_margins(
       model, x, labels, ["input", "h", "logits"], dist_norm=norm, epsilon=0.0
   )
   z = (x.astype(np.float64) @ a) @ w + b
@@ -140,14 +140,14 @@ def test_first_order_margins_equal_the_core_distances():
   model = keras.Model(inputs, keras.layers.Dense(4)(h))
   x = tf.random.normal([6, DIM])
   labels = np.array([0, 1, 2, 3, 0, 1])
-  found, _ = margins.first_order_margins(
+  found, _ = margin_estimation.first_order_margins(
       model, x, labels, ["input", "h"], dist_norm=2, top_k=3
   )
   endpoints = keras.Model(inputs, [model.output, h])
   with tf.GradientTape(persistent=True) as tape:
     tape.watch(x)
     logits, hidden = endpoints(x)
-  _, (at_input, at_h) = margin.margin_distances(
+  _, (at_input, at_h) = margin_loss.margin_distances(
       logits=logits,
       one_hot_labels=tf.one_hot(labels, 4),
       layers_list=[x, hidden],
@@ -175,7 +175,7 @@ def relu_problem(n=48):
 @pytest.mark.parametrize("norm", [2, np.inf])
 def test_deepfool_flips_a_relu_network_and_is_no_larger_than_pgd(norm):
   model, x, labels = relu_problem()
-  x_adv, distances = margins.deepfool(model, x, labels, norm=norm)
+  x_adv, distances = margin_estimation.deepfool(model, x, labels, norm=norm)
   assert np.all(np.argmax(model(x_adv), axis=1) != labels)
   np.testing.assert_allclose(
       attacks.margin.flat_norm(x_adv - x, norm), distances, rtol=1e-6
@@ -231,8 +231,8 @@ def test_half_precision_logits_give_the_float32_margins(policy, dtype, rtol, nor
   full.set_weights(half.get_weights())
   assert half(x).dtype == dtype
 
-  linearized = margins.linearized_margins(half, x, labels, norm)
-  x_adv, distances = margins.deepfool(half, x, labels, norm=norm)
+  linearized = margin_estimation.linearized_margins(half, x, labels, norm)
+  x_adv, distances = margin_estimation.deepfool(half, x, labels, norm=norm)
   assert linearized.dtype == np.float32 and distances.dtype == np.float32
   assert x_adv.dtype == tf.float32
   assert np.all(np.isfinite(linearized)) and np.all(np.isfinite(distances))
@@ -242,7 +242,7 @@ def test_half_precision_logits_give_the_float32_margins(policy, dtype, rtol, nor
   with tf.GradientTape() as tape:
     tape.watch(xt)
     logits = full(xt)
-  _, _, boundaries = margins.linearized_boundaries(
+  _, _, boundaries = margin_estimation.linearized_boundaries(
       logits, tape.batch_jacobian(logits, xt), labels, norm
   )
   nearest = np.sort(np.abs(boundaries.numpy()), axis=1)
@@ -253,12 +253,12 @@ def test_half_precision_logits_give_the_float32_margins(policy, dtype, rtol, nor
   assert keep.sum() >= 20
   np.testing.assert_allclose(
       linearized[keep],
-      margins.linearized_margins(full, x, labels, norm)[keep],
+      margin_estimation.linearized_margins(full, x, labels, norm)[keep],
       rtol=rtol,
   )
   np.testing.assert_allclose(
       distances[keep],
-      margins.deepfool(full, x, labels, norm=norm)[1][keep],
+      margin_estimation.deepfool(full, x, labels, norm=norm)[1][keep],
       rtol=rtol,
   )
 
@@ -272,10 +272,10 @@ def test_float64_logits(norm):
   model.layers[0].set_weights([w, b])
   labels = np.argmax(model(x), axis=1)
   exact = exact_distance(w, b, x, labels, norm)
-  linearized = margins.linearized_margins(model, x, labels, norm)
+  linearized = margin_estimation.linearized_margins(model, x, labels, norm)
   assert linearized.dtype == np.float64
   np.testing.assert_allclose(linearized, exact, rtol=1e-6)
-  _, distances = margins.deepfool(model, x, labels, norm=norm)
+  _, distances = margin_estimation.deepfool(model, x, labels, norm=norm)
   assert distances.dtype == np.float32
   np.testing.assert_allclose(distances, 1.02 * exact, rtol=1e-5)
 
@@ -287,11 +287,11 @@ def test_deepfool_step_covers_the_logit_resolution():
   gradients = tf.constant([[[1.0, 0.0], [0.0, 2.0], [0.0, 0.0]]])
   labels = tf.constant([0])
   np.testing.assert_array_equal(
-      margins.deepfool_step(logits, gradients, labels, 2), [[0.0, 0.0]]
+      margin_estimation.deepfool_step(logits, gradients, labels, 2), [[0.0, 0.0]]
   )
-  resolution = margins.logit_resolution(logits)
+  resolution = margin_estimation.logit_resolution(logits)
   np.testing.assert_allclose(resolution, [2.0**-10])
-  step = margins.deepfool_step(logits, gradients, labels, 2, resolution)
+  step = margin_estimation.deepfool_step(logits, gradients, labels, 2, resolution)
   assert step.dtype == tf.float32
   # w = grad z_1 - grad z_0 = (-1, 2): r = resolution / ||w||_2 * w / ||w||_2.
   np.testing.assert_allclose(step, [[-(2.0**-10) / 5, 2 * 2.0**-10 / 5]], rtol=1e-6)
@@ -302,25 +302,25 @@ def test_dataset_margins_and_summaries():
   labels[:6] = (labels[:6] + 1) % 4  # 6 misclassified
   dataset = tf.data.Dataset.from_tensor_slices((x, labels)).batch(8)
   seen = []
-  result = margins.dataset_margins(
+  result = margin_estimation.dataset_margins(
       model, dataset, layers=["input"], dist_norm=np.inf, progress=seen.append
   )
   assert seen == [0, 1, 2, 3]
   assert sorted(result) == ["correct", "deepfool", "input", "linearized"]
   np.testing.assert_allclose(
       result["linearized"],
-      margins.linearized_margins(model, x, labels, np.inf),
+      margin_estimation.linearized_margins(model, x, labels, np.inf),
       rtol=1e-5,  # float32 matmuls round differently for batches of 8 and of 30
   )
   np.testing.assert_array_equal(result["correct"], np.arange(30) >= 6)
-  direct, _ = margins.first_order_margins(model, x, labels, dist_norm=np.inf)
+  direct, _ = margin_estimation.first_order_margins(model, x, labels, dist_norm=np.inf)
   np.testing.assert_allclose(
       result["input"], direct["input"], rtol=1e-5  # batches of 8 vs 30, as above
   )
   assert np.all(result["input"][:6] < 0) and np.all(result["input"][6:] > 0)
   np.testing.assert_array_equal(result["deepfool"][:6], 0.0)
 
-  summary = margins.summarize_margins(result, thresholds=[0.05, 10.0])
+  summary = margin_estimation.summarize_margins(result, thresholds=[0.05, 10.0])
   correct_margins = result["input"][6:]
   assert summary["input"]["count"] == 24
   assert summary["input"]["median"] == pytest.approx(np.median(correct_margins))
@@ -331,10 +331,10 @@ def test_dataset_margins_and_summaries():
       np.mean(correct_margins < 0.05)
   )
   assert summary["input"]["fraction_below"]["10.0"] == 1.0
-  everything = margins.summarize_margins(result, only_correct=False)
+  everything = margin_estimation.summarize_margins(result, only_correct=False)
   assert everything["deepfool"]["count"] == 30
   assert everything["input"]["median"] == pytest.approx(np.median(result["input"]))
-  assert margins.summarize([])["median"] is None
+  assert margin_estimation.summarize([])["median"] is None
 
 
 def test_margin_model_with_its_own_margin_layers():
@@ -343,9 +343,9 @@ def test_margin_model_with_its_own_margin_layers():
   model = tlm.MarginModel(
       inputs, keras.layers.Dense(3)(h), margin_layers=["input", "h"]
   )
-  assert margins.layer_endpoints(model, ["input", "h"]) is model
+  assert margin_estimation.layer_endpoints(model, ["input", "h"]) is model
   x, labels = np.ones((2, DIM), np.float32), np.array([0, 1])
-  found, _ = margins.first_order_margins(model, x, labels, ["h"])
+  found, _ = margin_estimation.first_order_margins(model, x, labels, ["h"])
   assert sorted(found) == ["h"]
 
 
@@ -357,40 +357,40 @@ class TestErrors:
   @pytest.mark.parametrize("norm", [3, 0, "l2"])
   def test_unknown_norm(self, norm):
     with pytest.raises(ValueError, match="1, 2 or np.inf"):
-      margins.deepfool(self.model, self.x, self.labels, norm=norm)
+      margin_estimation.deepfool(self.model, self.x, self.labels, norm=norm)
     with pytest.raises(ValueError, match="1, 2 or np.inf"):
-      margins.first_order_margins(self.model, self.x, self.labels, dist_norm=norm)
+      margin_estimation.first_order_margins(self.model, self.x, self.labels, dist_norm=norm)
     with pytest.raises(ValueError, match="1, 2 or np.inf"):
-      margins.linearized_margins(self.model, self.x, self.labels, norm=norm)
+      margin_estimation.linearized_margins(self.model, self.x, self.labels, norm=norm)
 
   def test_bad_arguments(self):
     with pytest.raises(ValueError, match="max_iter"):
-      margins.deepfool(self.model, self.x, self.labels, max_iter=0)
+      margin_estimation.deepfool(self.model, self.x, self.labels, max_iter=0)
     with pytest.raises(ValueError, match="overshoot"):
-      margins.deepfool(self.model, self.x, self.labels, overshoot=-0.1)
+      margin_estimation.deepfool(self.model, self.x, self.labels, overshoot=-0.1)
     with pytest.raises(ValueError, match="layers is empty"):
-      margins.first_order_margins(self.model, self.x, self.labels, layers=[])
+      margin_estimation.first_order_margins(self.model, self.x, self.labels, layers=[])
     with pytest.raises(ValueError, match="Unknown (margin )?layer 'nope'"):
-      margins.first_order_margins(self.model, self.x, self.labels, layers=["nope"])
+      margin_estimation.first_order_margins(self.model, self.x, self.labels, layers=["nope"])
     for top_k in (0, 4, 1.5):
       with pytest.raises(
           ValueError, match=r"top_k must be an integer in \[1, classes - 1 = 3\]"
       ):
-        margins.first_order_margins(self.model, self.x, self.labels, top_k=top_k)
+        margin_estimation.first_order_margins(self.model, self.x, self.labels, top_k=top_k)
     with pytest.raises(ValueError, match="quantiles"):
-      margins.summarize([1.0], quantiles=[1.5])
+      margin_estimation.summarize([1.0], quantiles=[1.5])
     for name in ("correct", "deepfool", "linearized"):
       with pytest.raises(ValueError, match="reserved"):
-        margins.dataset_margins(self.model, [], layers=["input", name])
+        margin_estimation.dataset_margins(self.model, [], layers=["input", name])
     with pytest.raises(ValueError, match="empty"):
-      margins.dataset_margins(self.model, [])
+      margin_estimation.dataset_margins(self.model, [])
 
   def test_bad_labels_and_model(self):
     with pytest.raises(ValueError, match=r"labels\[0\] = 7"):
-      margins.deepfool(self.model, self.x, np.array([7, 0, 0, 0]))
+      margin_estimation.deepfool(self.model, self.x, np.array([7, 0, 0, 0]))
     with pytest.raises(ValueError, match=r"labels\[3\] = -2"):
-      margins.first_order_margins(self.model, self.x, np.array([0, 0, 0, -2]))
+      margin_estimation.first_order_margins(self.model, self.x, np.array([0, 0, 0, -2]))
     inputs = keras.Input((6,))
     flat_output = keras.Model(inputs, keras.layers.Dense(1)(inputs)[:, 0])
     with pytest.raises(ValueError, match=r"logits of shape \[batch, classes\]"):
-      margins.deepfool(flat_output, self.x, self.labels)
+      margin_estimation.deepfool(flat_output, self.x, self.labels)

@@ -3,7 +3,7 @@
 Three estimates of the distance of an example to the decision boundary:
 
 * First order, at any layer h (Elsayed et al. 2018, Eq. 7/10), computed by
-  `tf_large_margin.margin.margin_distances`:
+  `tf_large_margin.margin_loss.margin_distances`:
 
       d_h = (p_y - p_j) / || grad_h (p_y - p_j) ||_q,   1/p + 1/q = 1,
 
@@ -56,7 +56,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_large_margin import attacks
-from tf_large_margin import margin
+from tf_large_margin import margin_loss
 from tf_large_margin import models
 
 INPUT = models.INPUT
@@ -107,7 +107,7 @@ def _first_order_graph(endpoints, layers, x, labels, dist_norm, top_k, epsilon):
     logits, hidden = endpoints.margin_endpoints(x, training=False)
   hidden = iter(hidden)
   layers_list = [x if name == INPUT else next(hidden) for name in layers]
-  _, distances = margin.margin_distances(
+  _, distances = margin_loss.margin_distances(
       logits=logits,
       one_hot_labels=tf.one_hot(labels, logits.shape[1]),
       layers_list=layers_list,
@@ -128,7 +128,7 @@ def first_order_margins(
       d_h = min_j (p_y - p_j) / (epsilon + || grad_h (p_y - p_j) ||_q)
 
   over the ``top_k`` most probable classes j != y, computed by
-  `tf_large_margin.margin.margin_distances`.
+  `tf_large_margin.margin_loss.margin_distances`.
 
   Args:
     model: a functional or Sequential Keras model returning logits, or a
@@ -146,7 +146,7 @@ def first_order_margins(
     correctly classified examples.
   """
   layers = _check_layers(layers)
-  margin.dual_norm(dist_norm)
+  margin_loss.dual_norm(dist_norm)
   x = tf.convert_to_tensor(x, tf.float32)
   labels, num_classes = attacks.check_logits_and_labels(model, x, labels)
   if (
@@ -234,7 +234,7 @@ def linearized_boundaries(logits, gradients, labels, norm):
   w = gradients - tf.gather(gradients, labels, axis=1, batch_dims=1)[:, None]
   dimension = tf.reduce_prod(tf.shape(w)[2:])
   w_norms = tf.reshape(
-      margin.flat_norm(tf.reshape(w, [-1, dimension]), margin.dual_norm(norm)),
+      margin_loss.flat_norm(tf.reshape(w, [-1, dimension]), margin_loss.dual_norm(norm)),
       [-1, num_classes],
   )
   unreachable = label_mask | (w_norms == 0.0)
@@ -273,7 +273,7 @@ def deepfool_step(logits, gradients, labels, norm, resolution=0.0):
   length = tf.gather(lengths, closest, axis=1, batch_dims=1)
   w_l = tf.gather(w, closest, axis=1, batch_dims=1)
   floor = tf.math.divide_no_nan(
-      tf.cast(resolution, w_l.dtype), margin.flat_norm(w_l, margin.dual_norm(norm))
+      tf.cast(resolution, w_l.dtype), margin_loss.flat_norm(w_l, margin_loss.dual_norm(norm))
   )
   length = tf.maximum(length, floor)
   length = tf.where(tf.math.is_inf(length), tf.zeros_like(length), length)
@@ -307,7 +307,7 @@ def linearized_margins(model, x, labels, norm=2):
     A [batch] numpy array: float32, or float64 for a model with float64 logits
     (half-precision logits are widened to float32 before the linearisation).
   """
-  margin.dual_norm(norm)
+  margin_loss.dual_norm(norm)
   x = tf.convert_to_tensor(x, tf.float32)
   labels, _ = attacks.check_logits_and_labels(model, x, labels)
   return _linearized_graph(model, x, labels, norm).numpy()
@@ -351,7 +351,7 @@ def deepfool(model, x, labels, norm=2, max_iter=50, overshoot=0.02):
     logits, and cover at least the logits' rounding error (`logit_resolution`),
     so that a tie of rounded logits does not stall the iteration.
   """
-  margin.dual_norm(norm)
+  margin_loss.dual_norm(norm)
   max_iter = attacks.check_steps(max_iter, "max_iter")
   overshoot = attacks.check_nonnegative("overshoot", overshoot)
   x = tf.convert_to_tensor(x, tf.float32)
@@ -359,7 +359,7 @@ def deepfool(model, x, labels, norm=2, max_iter=50, overshoot=0.02):
   x_adv, flipped = _deepfool_graph(
       model, x, labels, norm, tf.constant(max_iter), tf.constant(overshoot)
   )
-  distances = margin.flat_norm(x_adv - x, norm).numpy()
+  distances = margin_loss.flat_norm(x_adv - x, norm).numpy()
   return x_adv, np.where(flipped.numpy(), distances, np.inf)
 
 
