@@ -9,7 +9,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from tf_large_margin import output_margin as om  # noqa: E402
+import tf_large_margin as tlm  # noqa: E402
 from tf_large_margin.layers import (  # noqa: E402
     CosineHead,
     HeadOutputAccuracy,
@@ -168,14 +168,14 @@ def test_regularizer_is_applied(x):
 @pytest.mark.parametrize(
     "head_kwargs, loss",
     [
-        ({}, om.ArcFace(margin=0.3, scale=8.0)),
+        ({}, tlm.ArcFace(margin=0.3, scale=8.0)),
         (
             {
                 "normalize_features": False,
                 "normalize_weights": False,
                 "return_norms": True,
             },
-            om.LSoftmax(m=2),
+            tlm.LSoftmax(m=2),
         ),
     ],
 )
@@ -285,7 +285,7 @@ def test_compiled_head_output_accuracy_trains_and_round_trips(tmp_path, x):
   labels = np.arange(len(x)) % C
   model.compile(
       keras.optimizers.Adam(1e-2),
-      loss=om.SphereFace(m=2),
+      loss=tlm.SphereFace(m=2),
       metrics=[accuracy_metric(model)],
   )
   history = model.fit(x, labels, epochs=3, verbose=0).history

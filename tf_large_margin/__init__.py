@@ -1,22 +1,59 @@
 """tf_large_margin: large-margin training of deep networks for Keras 3 / TensorFlow.
 
 Elsayed et al., "Large Margin Deep Networks for Classification", NeurIPS 2018, and
-related margin methods. Modules: `margin` (Eq. 10), `losses` (the Keras loss),
-`models` (MarginModel), `jacobian` (Sokolic et al.'s regulariser), `output_margin`
-(hinge and margin-softmax losses), `layers` (CosineHead), `datasets`,
-`architectures` (the papers' networks), `normalization` (TF1 batch norm),
-`optimizers` (TF1 RMSProp), `regularizers` (TF1 weight decay), `original_recipe`
-(the original MNIST training recipe), `monitor` (MarginMonitor), `certified` (certified margin lower bounds),
-`distribute`. Importing the package registers
-every class a saved model may refer to.
+related margin methods. Importing the package registers every class a saved model
+may refer to. Submodules, by concept:
+
+Training with the large-margin loss (Eq. 10)
+  `margin_loss`       Eq. 10 as functions: `large_margin`, `margin_distances`
+  `losses`            `LargeMarginLoss`, Eq. 10 at the logits as a Keras loss
+  `models`            `MarginModel`: Eq. 10 at hidden layers in `fit`
+  `jacobian`          `JacobianModel`: Sokolic et al.'s Jacobian regulariser
+  `adversarial`       adversarial training (FGSM / iterative FGSM / PGD examples)
+Output-space margin losses
+  `hinge_loss`        multi-class hinge (Crammer-Singer, Weston-Watkins)
+  `additive_margin_losses`        AM-Softmax / CosFace, ArcFace
+  `multiplicative_margin_losses`  L-Softmax, A-Softmax (SphereFace)
+  `layers`            `CosineHead`, the cosine classifier these losses need
+  `schedules`, `callbacks`        `LambdaDecay` and the `LambdaScheduler` callback
+Measuring margins and robustness
+  `margin_estimation` first-order, linearised and DeepFool margins; summaries
+  `certified`         certified margin lower bounds (interval and CROWN bounds)
+  `attacks`           FGSM, iterative FGSM, PGD (cross-entropy or logit-margin)
+  `monitor`           `MarginMonitor`, a callback logging margin distributions
+Data, networks and the original recipe
+  `datasets`, `architectures`, `normalization` (TF1 batch norm), `optimizers`
+  (TF1 RMSProp), `regularizers` (TF1 weight decay), `original_recipe`
+  (the original MNIST training recipe), `distribute` (tf.distribute support)
 """
 
+from tf_large_margin import additive_margin_losses
+from tf_large_margin import adversarial
 from tf_large_margin import architectures
+from tf_large_margin import attacks
+from tf_large_margin import callbacks
 from tf_large_margin import certified
+from tf_large_margin import datasets
+from tf_large_margin import distribute
+from tf_large_margin import hinge_loss
+from tf_large_margin import jacobian
+from tf_large_margin import layers
+from tf_large_margin import losses
+from tf_large_margin import margin_estimation
+from tf_large_margin import margin_loss
+from tf_large_margin import models
+from tf_large_margin import monitor
+from tf_large_margin import multiplicative_margin_losses
 from tf_large_margin import normalization
 from tf_large_margin import optimizers
 from tf_large_margin import original_recipe
 from tf_large_margin import regularizers
+from tf_large_margin import schedules
+from tf_large_margin.additive_margin_losses import AMSoftmax
+from tf_large_margin.additive_margin_losses import ArcFace
+from tf_large_margin.additive_margin_losses import CosFace
+from tf_large_margin.callbacks import LambdaScheduler
+from tf_large_margin.hinge_loss import MulticlassHinge
 from tf_large_margin.jacobian import JacobianModel
 from tf_large_margin.layers import CosineHead
 from tf_large_margin.losses import LargeMarginLoss
@@ -26,13 +63,8 @@ from tf_large_margin.margin_loss import margin_distances
 from tf_large_margin.models import MarginModel
 from tf_large_margin.models import MarginTraining
 from tf_large_margin.monitor import MarginMonitor
-from tf_large_margin.output_margin import AMSoftmax
-from tf_large_margin.output_margin import ArcFace
-from tf_large_margin.output_margin import CosFace
-from tf_large_margin.output_margin import LambdaDecay
-from tf_large_margin.output_margin import LambdaScheduler
-from tf_large_margin.output_margin import LSoftmax
-from tf_large_margin.output_margin import MulticlassHinge
-from tf_large_margin.output_margin import SphereFace
+from tf_large_margin.multiplicative_margin_losses import LSoftmax
+from tf_large_margin.multiplicative_margin_losses import SphereFace
+from tf_large_margin.schedules import LambdaDecay
 
 __version__ = "0.1.0"

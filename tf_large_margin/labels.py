@@ -1,5 +1,13 @@
-"""Label handling shared by the library's Keras losses."""
+"""Labels and predictions as the library's Keras losses read them.
 
+`to_one_hot` turns integer or one-hot labels into one-hot rows; the output-margin
+losses (`hinge_loss`, `additive_margin_losses`, `multiplicative_margin_losses`)
+also use `working_precision` (half precision widened to float32),
+`one_hot_like`, `target_column` (z_y) and `replace_target` (z with z_y replaced).
+"""
+
+import keras
+from keras import ops
 import tensorflow as tf
 
 
@@ -43,3 +51,38 @@ def to_one_hot(y_true, num_classes, rank=2, dtype="float32"):
       ]
   ):
     return tf.one_hot(labels, num_classes, dtype=dtype)
+
+
+def working_precision(y_pred):
+  """``y_pred`` as a tensor, half precision (float16, bfloat16) widened to float32."""
+  y_pred = ops.convert_to_tensor(y_pred)
+  if keras.backend.standardize_dtype(y_pred.dtype) in ("float16", "bfloat16"):
+    return ops.cast(y_pred, "float32")
+  return y_pred
+
+
+def one_hot_like(y_true, scores):
+  """One-hot labels with the shape and dtype of ``scores`` (classes last)."""
+  num_classes = scores.shape[-1]
+  if num_classes is None:
+    raise ValueError(
+        "The number of classes (last dimension of y_pred) must be statically known."
+    )
+  return to_one_hot(y_true, num_classes, len(scores.shape), dtype=scores.dtype)
+
+
+def replace_target(one_hot, values, target_values):
+  """``values`` with the target column replaced by ``target_values[..., None]``."""
+  return ops.where(
+      ops.greater(one_hot, 0.5), ops.expand_dims(target_values, -1), values
+  )
+
+
+def target_column(one_hot, values):
+  """The target entry of each row, sum_j one_hot_j * values_j."""
+  return ops.sum(one_hot * values, axis=-1)
+
+
+def softmax_xent(one_hot, logits):
+  """Softmax cross-entropy -log softmax(logits)_y per example."""
+  return ops.categorical_crossentropy(one_hot, logits, from_logits=True)

@@ -1,7 +1,7 @@
 """Normalised classifier head for output-space large-margin losses.
 
-The margin losses in `tf_large_margin.output_margin` operate on the angle
-``theta_j`` between a feature vector ``x`` and the class weight vector ``w_j``
+The angular margin losses (`tf_large_margin.additive_margin_losses`,
+`tf_large_margin.multiplicative_margin_losses`) operate on the angle ``theta_j`` between a feature vector ``x`` and the class weight vector ``w_j``
 rather than on the raw logits ``z_j = <x, w_j>``. `CosineHead` is the final
 (bias-free) classification layer that exposes that angle.
 
@@ -198,7 +198,7 @@ class CosineHead(keras.layers.Layer):
   feats = keras.layers.Dense(64, activation="relu")(inputs)
   cos = tf_large_margin.layers.CosineHead(10)(feats)
   model = keras.Model(inputs, cos)
-  model.compile("adam", tf_large_margin.output_margin.ArcFace(margin=0.5, scale=30.0))
+  model.compile("adam", tf_large_margin.ArcFace(margin=0.5, scale=30.0))
   ```
   """
 
