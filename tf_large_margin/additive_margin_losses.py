@@ -63,8 +63,10 @@ def am_softmax(y_true, y_pred, margin=0.35, scale=30.0):
 
   Example:
 
-  >>> cos = CosineHead(10)(features)
-  >>> loss = am_softmax(labels, cos, margin=0.35, scale=30.0)
+  >>> cos = np.array([[0.8, 0.3, -0.1], [0.2, 0.6, 0.1]], "float32")
+  >>> loss = am_softmax([0, 2], cos, margin=0.35, scale=30.0)
+  >>> [round(float(v), 3) for v in loss]
+  [0.011, 25.5]
   """
   margin = check_real("margin", margin)
   scale = check_real("scale", scale, positive=True)
@@ -174,8 +176,10 @@ def arcface(y_true, y_pred, margin=0.5, scale=64.0):
 
   Example:
 
-  >>> cos = CosineHead(10)(features)
-  >>> loss = arcface(labels, cos, margin=0.5, scale=64.0)
+  >>> cos = np.array([[0.8, 0.3, -0.1], [0.2, 0.6, 0.1]], "float32")
+  >>> loss = arcface([0, 2], cos, margin=0.5, scale=64.0)
+  >>> [round(float(v), 3) for v in loss]
+  [0.001, 63.313]
   """
   margin = check_real("margin", margin, upper=math.pi)
   scale = check_real("scale", scale, positive=True)

@@ -65,7 +65,8 @@ def multiclass_hinge(y_true, y_pred, variant="crammer_singer", margin=1.0):
 
   >>> y_true = np.array([0, 2])
   >>> y_pred = np.array([[2.0, 1.5, 0.0], [0.3, 0.2, 0.1]])
-  >>> multiclass_hinge(y_true, y_pred)  # [0.5, 1.2]
+  >>> [round(float(v), 3) for v in multiclass_hinge(y_true, y_pred)]
+  [0.5, 1.2]
   """
   variant = _check_variant(variant)
   margin = check_real("margin", margin)

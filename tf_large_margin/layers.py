@@ -1,9 +1,10 @@
 """Normalised classifier head for output-space large-margin losses.
 
 The angular margin losses (`tf_large_margin.additive_margin_losses`,
-`tf_large_margin.multiplicative_margin_losses`) operate on the angle ``theta_j`` between a feature vector ``x`` and the class weight vector ``w_j``
-rather than on the raw logits ``z_j = <x, w_j>``. `CosineHead` is the final
-(bias-free) classification layer that exposes that angle.
+`tf_large_margin.multiplicative_margin_losses`) operate on the angle ``theta_j``
+between a feature vector ``x`` and the class weight vector ``w_j`` rather than on
+the raw logits ``z_j = <x, w_j>``. `CosineHead` is the final (bias-free)
+classification layer that exposes that angle.
 
 Output conventions (``C = units``):
 

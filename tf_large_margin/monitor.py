@@ -220,9 +220,11 @@ class MarginMonitor(keras.callbacks.Callback):
   TensorBoard scalars and histograms. Put it before `keras.callbacks.CSVLogger` in
   the callback list so that the logger sees its keys.
 
-  >>> monitor = MarginMonitor(x_val, y_val, log_dir="logs/margins", plot_path="m.png")
-  >>> model.fit(x, y, epochs=10, callbacks=[monitor])
-  >>> model.history.history["margin_median/linearized"]
+  ```python
+  monitor = MarginMonitor(x_val, y_val, log_dir="logs/margins", plot_path="m.png")
+  model.fit(x, y, epochs=10, callbacks=[monitor])
+  model.history.history["margin_median/linearized"]
+  ```
 
   Attributes:
     margins: the latest measurement, a `dataset_margins` dict of [n] arrays.

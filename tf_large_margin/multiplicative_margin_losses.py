@@ -124,9 +124,11 @@ def l_softmax(y_true, y_pred, m=2, lambda_=0.0):
 
   Example:
 
-  >>> head = CosineHead(10, normalize_features=False,
-  ...                   normalize_weights=False, return_norms=True)
-  >>> loss = l_softmax(labels, head(features), m=2, lambda_=10.0)
+  >>> head_output = np.array([[0.8, 0.3, -0.1, 2.0, 1.0, 1.5]], "float32")
+  >>> [round(float(l_softmax([0], head_output, m=m)[0]), 3) for m in (1, 2)]
+  [0.369, 0.817]
+  >>> round(float(l_softmax([0], head_output, m=2, lambda_=10.0)[0]), 3)
+  0.399
   """
   m = _check_multiplicative_margin(m)
   if not (ops.is_tensor(lambda_) or isinstance(lambda_, keras.Variable)):
@@ -182,8 +184,9 @@ def sphereface(y_true, y_pred, m=4, lambda_=0.0):
 
   Example:
 
-  >>> head = CosineHead(10, normalize_features=False, return_norms=True)
-  >>> loss = sphereface(labels, head(features), m=4)
+  >>> head_output = np.array([[0.8, 0.3, -0.1, 2.0, 2.0, 2.0]], "float32")
+  >>> round(float(sphereface([0], head_output, m=4)[0]), 3)
+  2.725
   """
   return l_softmax(y_true, y_pred, m=m, lambda_=lambda_)
 

@@ -57,7 +57,8 @@ class LambdaDecay(LearningRateSchedule):
   Example:
 
   >>> schedule = LambdaDecay()  # SphereFace's
-  >>> [float(schedule(step)) for step in (0, 100, 10_000)]  # [1000, 76.9, 5]
+  >>> [round(float(schedule(step)), 1) for step in (0, 100, 10_000)]
+  [1000.0, 76.9, 5.0]
   """
 
   def __init__(self, base=1000.0, gamma=0.12, power=1.0, lambda_min=5.0):
