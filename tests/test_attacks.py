@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 from tf_large_margin import attacks
+from tf_large_margin import margin_loss
 
 DIM = 6
 
@@ -106,7 +107,7 @@ def test_pgd_stays_inside_the_ball_and_the_data_range(norm, clip_range):
       clip_min=low,
       clip_max=high,
   ).numpy()
-  distances = attacks.margin.flat_norm(x_adv - x, norm).numpy()
+  distances = margin_loss.flat_norm(x_adv - x, norm).numpy()
   assert np.all(distances <= epsilon * (1 + 1e-6))
   assert np.all(x_adv >= low) and np.all(x_adv <= high)
   assert np.mean(distances > 0.5 * epsilon) > 0.5  # the attack did move the points

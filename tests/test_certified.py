@@ -217,6 +217,21 @@ def test_affine_margin_bounds_are_exact(norm):
       np.testing.assert_allclose(upper[i], gap + epsilon[i] * norms, atol=1e-6)
 
 
+def test_bisection_finds_the_threshold_radius():
+  """With the predicate r <= t: t to max_radius / 2^steps below, max_radius where
+  t >= max_radius, 0 for the examples left out (misclassified)."""
+  thresholds = np.array([0.3, 0.0, 0.7, 2.0, 0.5])
+  rows = np.array([0, 1, 2, 3])
+
+  def below_threshold(radii, rows):
+    return radii <= thresholds[rows]
+
+  radius = certified.bisect_radius(below_threshold, rows, 5, 1.0, 10)
+  assert np.all(radius[:3] <= thresholds[:3])
+  np.testing.assert_allclose(radius[:3], thresholds[:3], atol=2.0**-10)
+  assert radius[3] == 1.0 and radius[4] == 0.0
+
+
 def test_clip_box_bounds_the_input():
   """l_inf: inside a box of half-width s around x, any eps >= s gives the bounds of
   eps = s; l_2: the box only tightens the bounds."""

@@ -178,7 +178,7 @@ def test_deepfool_flips_a_relu_network_and_is_no_larger_than_pgd(norm):
   x_adv, distances = margin_estimation.deepfool(model, x, labels, norm=norm)
   assert np.all(np.argmax(model(x_adv), axis=1) != labels)
   np.testing.assert_allclose(
-      attacks.margin.flat_norm(x_adv - x, norm), distances, rtol=1e-6
+      margin_loss.flat_norm(x_adv - x, norm), distances, rtol=1e-6
   )
   # The smallest radius on a grid (ratio 1.1) at which a 40-step PGD flips each
   # example; PGD is not clipped to a range, as DeepFool.

@@ -30,7 +30,7 @@ import keras
 from keras import ops
 
 from tf_large_margin import labels
-from tf_large_margin.checks import check_real
+from tf_large_margin.argument_checks import check_real
 
 
 def am_softmax(y_true, y_pred, margin=0.35, scale=30.0):

@@ -35,12 +35,12 @@ once per model (and objective); `robust_accuracy` runs one of them over a data s
 Labels are integer class indices of shape [batch].
 """
 
-import math
-
 import numpy as np
 import tensorflow as tf
 
+from tf_large_margin import argument_checks
 from tf_large_margin import margin_loss
+from tf_large_margin import norm_balls
 
 ATTACK_NORMS = (2, np.inf)
 XENT = "xent"
@@ -54,26 +54,8 @@ ZERO_GRADIENT_THRESHOLD = 1e-30
 
 
 # ---------------------------------------------------------------------------
-# Validation
+# Validation (the generic checks are in `tf_large_margin.argument_checks`)
 # ---------------------------------------------------------------------------
-
-
-def check_nonnegative(name, value):
-  """Returns ``value`` as a float after checking it is finite and >= 0."""
-  try:
-    value = float(value)
-  except (TypeError, ValueError):
-    raise ValueError(f"{name} must be a number; got {value!r}.") from None
-  if not math.isfinite(value) or value < 0:
-    raise ValueError(f"{name} must be finite and >= 0; got {value}.")
-  return value
-
-
-def check_steps(steps, name="steps"):
-  """Returns ``steps`` after checking it is an integer >= 1."""
-  if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-    raise ValueError(f"{name} must be an integer >= 1; got {steps!r}.")
-  return int(steps)
 
 
 def check_attack_norm(norm):
@@ -92,86 +74,16 @@ def check_attack_loss(loss):
   return loss
 
 
-def check_clip_range(clip_min, clip_max):
-  """Checks clip_min < clip_max."""
-  if not clip_min < clip_max:
-    raise ValueError(f"clip_min must be < clip_max; got [{clip_min}, {clip_max}].")
-
-
-def check_data_range(x, clip_min, clip_max):
-  """Checks clip_min < clip_max and that ``x`` lies in [clip_min, clip_max]."""
-  check_clip_range(clip_min, clip_max)
-  low, high = float(tf.reduce_min(x)), float(tf.reduce_max(x))
-  if low < clip_min or high > clip_max:
-    raise ValueError(
-        f"x must lie in the data range [clip_min, clip_max] = [{clip_min}, "
-        f"{clip_max}]; its values span [{low}, {high}]."
-    )
-
-
-def check_logits_and_labels(model, x, labels):
-  """Validates the model's output on ``x`` and the labels.
-
-  The model must map a [batch, ...] input to [batch, classes] float logits, and the
-  labels must be integers in [0, classes) of shape [batch]. One example is run
-  through the model to learn its number of classes.
-
-  Returns:
-    ``(labels as an int32 tensor, number of classes)``.
-  """
-  x = tf.convert_to_tensor(x)
-  if x.shape.rank is None or x.shape.rank < 1 or x.shape[0] == 0:
-    raise ValueError(f"x must be a non-empty batch [batch, ...]; got shape {x.shape}.")
-  logits = model(x[:1], training=False)
-  if not tf.is_tensor(logits) or logits.shape.rank != 2 or logits.shape[0] != 1:
-    shape = getattr(logits, "shape", type(logits).__name__)
-    raise ValueError(
-        "The model must return logits of shape [batch, classes]; on a batch of one "
-        f"example it returned {shape}."
-    )
-  if not logits.dtype.is_floating:
-    raise ValueError(f"The model must return float logits; got {logits.dtype.name}.")
-  labels = np.asarray(labels)
-  if not np.issubdtype(labels.dtype, np.integer):
-    raise ValueError(f"labels must be integer class indices; got dtype {labels.dtype}.")
-  if labels.shape != (x.shape[0],):
-    raise ValueError(
-        f"labels must have shape [batch] = ({x.shape[0]},); got {labels.shape}."
-    )
-  num_classes = logits.shape[1]
-  bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
-  if bad.size:
-    raise ValueError(
-        f"labels must be in [0, {num_classes}) (the model's classes); labels[{bad[0]}] "
-        f"= {labels[bad[0]]}."
-    )
-  return tf.constant(labels, tf.int32), num_classes
-
-
-def _float_inputs_and_labels(model, x, labels):
-  """``(x as a float tensor, int32 labels)`` after checking both and the model."""
-  x = tf.convert_to_tensor(x)
-  if not x.dtype.is_floating:
-    raise ValueError(f"x must be a float tensor; got dtype {x.dtype.name}.")
-  labels, _ = check_logits_and_labels(model, x, labels)
-  return x, labels
-
-
 def _validated(model, x, labels, clip_min, clip_max):
   """Common checks of the batch functions: ``(x as float tensor, int32 labels)``."""
-  x, labels = _float_inputs_and_labels(model, x, labels)
-  check_data_range(x, clip_min, clip_max)
+  x, labels = argument_checks.float_inputs_and_labels(model, x, labels)
+  argument_checks.check_data_range(x, clip_min, clip_max)
   return x, labels
 
 
 # ---------------------------------------------------------------------------
 # Building blocks (graph code, no validation)
 # ---------------------------------------------------------------------------
-
-
-def expand_to(per_example, x):
-  """Reshapes a [batch] tensor to broadcast against ``x`` [batch, ...]."""
-  return tf.reshape(per_example, [-1] + [1] * (x.shape.rank - 1))
 
 
 def logit_margin(logits, labels):
@@ -218,53 +130,6 @@ def gradient_is_zero(gradient, threshold=ZERO_GRADIENT_THRESHOLD):
   return margin_loss.flat_norm(gradient, np.inf) <= threshold
 
 
-def steepest_ascent_direction(gradient, norm):
-  """u = argmax_{||u||_p <= 1} <g, u>, so that <g, u> = ||g||_q (0 if g = 0).
-
-  l_inf: sign(g); l_2: g / ||g||_2; l_1: sign(g_m) e_m at m = argmax_i |g_i| (the
-  first such i).
-  """
-  if norm == np.inf:
-    return tf.sign(gradient)
-  if norm == 2:
-    return tf.math.divide_no_nan(
-        gradient, expand_to(margin_loss.flat_norm(gradient, 2), gradient)
-    )
-  flat = tf.reshape(gradient, [tf.shape(gradient)[0], -1])
-  largest = tf.one_hot(
-      tf.argmax(tf.abs(flat), axis=1), tf.shape(flat)[1], dtype=gradient.dtype
-  )
-  return tf.reshape(largest * tf.sign(flat), tf.shape(gradient))
-
-
-def project_to_ball(delta, epsilon, norm):
-  """Euclidean projection of each example of ``delta`` onto {||d||_p <= epsilon}.
-
-  l_inf: clip each coordinate to [-epsilon, epsilon]; l_2: delta * min(1, epsilon /
-  ||delta||_2).
-  """
-  if norm == np.inf:
-    return tf.clip_by_value(delta, -epsilon, epsilon)
-  norms = expand_to(margin_loss.flat_norm(delta, 2), delta)
-  # (the tensor first: a leading 1.0 would be float32 against float64 inputs)
-  return delta * tf.minimum(epsilon / tf.maximum(norms, 1e-12), 1.0)
-
-
-def random_ball_point(x, epsilon, norm, seed):
-  """A point drawn uniformly from the l_p ball of radius epsilon (stateless ``seed``).
-
-  l_2: a Gaussian direction scaled to radius epsilon * u^(1/d), u ~ U(0, 1), d the
-  input dimension.
-  """
-  if norm == np.inf:
-    return tf.random.stateless_uniform(tf.shape(x), seed, -epsilon, epsilon, x.dtype)
-  direction = tf.random.stateless_normal(tf.shape(x), seed, dtype=x.dtype)
-  direction = steepest_ascent_direction(direction, 2)
-  dimension = tf.cast(tf.reduce_prod(tf.shape(x)[1:]), x.dtype)
-  u = tf.random.stateless_uniform(tf.shape(x)[:1], seed + 1, dtype=x.dtype)
-  return direction * expand_to(epsilon * u ** (1.0 / dimension), x)
-
-
 def misclassified(logits, labels):
   """[batch] bool: argmax(logits) != label."""
   return tf.not_equal(tf.argmax(logits, axis=1, output_type=tf.int32), labels)
@@ -302,14 +167,14 @@ def pgd_graph(
   x_adv = x
   if use_random_start:
     x_adv = tf.clip_by_value(
-        x + random_ball_point(x, epsilon, norm, seed), clip_min, clip_max
+        x + norm_balls.random_ball_point(x, epsilon, norm, seed), clip_min, clip_max
     )
   for _ in tf.range(steps):
     logits, gradient = loss_gradient(model, x_adv, labels, loss)
-    active = expand_to(tf.logical_not(misclassified(logits, labels)), x)
-    step = x_adv + step_size * steepest_ascent_direction(gradient, norm)
+    active = norm_balls.expand_to(tf.logical_not(misclassified(logits, labels)), x)
+    step = x_adv + step_size * norm_balls.steepest_ascent_direction(gradient, norm)
     stepped = tf.clip_by_value(
-        x + project_to_ball(step - x, epsilon, norm), clip_min, clip_max
+        x + norm_balls.project_to_ball(step - x, epsilon, norm), clip_min, clip_max
     )
     x_adv = tf.where(active, stepped, x_adv)
   return x_adv
@@ -342,7 +207,7 @@ def fgsm(model, x, labels, epsilon, clip_min=0.0, clip_max=1.0, loss=XENT):
   Returns:
     The adversarial inputs, same shape and dtype as ``x``.
   """
-  epsilon = check_nonnegative("epsilon", epsilon)
+  epsilon = argument_checks.check_nonnegative("epsilon", epsilon)
   loss = check_attack_loss(loss)
   x, labels = _validated(model, x, labels, clip_min, clip_max)
   return fgsm_graph(
@@ -400,11 +265,11 @@ def pgd(
   Returns:
     The adversarial inputs: ||x' - x||_p <= epsilon and x' in [clip_min, clip_max].
   """
-  epsilon = check_nonnegative("epsilon", epsilon)
+  epsilon = argument_checks.check_nonnegative("epsilon", epsilon)
   check_attack_norm(norm)
   loss = check_attack_loss(loss)
-  steps = check_steps(steps)
-  step_size = check_nonnegative(
+  steps = argument_checks.check_steps(steps)
+  step_size = argument_checks.check_nonnegative(
       "step_size", default_step_size(epsilon, steps) if step_size is None else step_size
   )
   x, labels = _validated(model, x, labels, clip_min, clip_max)
@@ -491,8 +356,8 @@ def zero_gradient_fraction(
     A float in [0, 1].
   """
   loss = check_attack_loss(loss)
-  threshold = check_nonnegative("threshold", threshold)
-  x, labels = _float_inputs_and_labels(model, x, labels)
+  threshold = argument_checks.check_nonnegative("threshold", threshold)
+  x, labels = argument_checks.float_inputs_and_labels(model, x, labels)
   zero = zero_gradient_graph(model, x, labels, tf.constant(threshold, x.dtype), loss)
   return float(np.mean(zero.numpy()))
 
@@ -506,9 +371,9 @@ def gaussian_noise(x, sigma, seed=DEFAULT_SEED, clip_min=0.0, clip_max=1.0):
     seed: a pair of integers.
     clip_min, clip_max: the data range.
   """
-  sigma = check_nonnegative("sigma", sigma)
+  sigma = argument_checks.check_nonnegative("sigma", sigma)
   x = tf.convert_to_tensor(x)
-  check_data_range(x, clip_min, clip_max)
+  argument_checks.check_data_range(x, clip_min, clip_max)
   noise = tf.random.stateless_normal(
       tf.shape(x), tf.constant(seed, tf.int32, [2]), dtype=x.dtype
   )

@@ -23,7 +23,7 @@ import keras
 from keras import ops
 
 from tf_large_margin import labels
-from tf_large_margin.checks import check_real
+from tf_large_margin.argument_checks import check_real
 
 _HINGE_VARIANTS = ("crammer_singer", "weston_watkins")
 

@@ -55,9 +55,11 @@ import weakref
 import numpy as np
 import tensorflow as tf
 
+from tf_large_margin import argument_checks
 from tf_large_margin import attacks
 from tf_large_margin import margin_loss
 from tf_large_margin import models
+from tf_large_margin import norm_balls
 
 INPUT = models.INPUT
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
@@ -148,7 +150,7 @@ def first_order_margins(
   layers = _check_layers(layers)
   margin_loss.dual_norm(dist_norm)
   x = tf.convert_to_tensor(x, tf.float32)
-  labels, num_classes = attacks.check_logits_and_labels(model, x, labels)
+  labels, num_classes = argument_checks.check_logits_and_labels(model, x, labels)
   if (
       isinstance(top_k, bool)
       or not isinstance(top_k, (int, np.integer))
@@ -277,7 +279,8 @@ def deepfool_step(logits, gradients, labels, norm, resolution=0.0):
   )
   length = tf.maximum(length, floor)
   length = tf.where(tf.math.is_inf(length), tf.zeros_like(length), length)
-  return attacks.expand_to(length, w_l) * attacks.steepest_ascent_direction(w_l, norm)
+  direction = norm_balls.steepest_ascent_direction(w_l, norm)
+  return norm_balls.expand_to(length, w_l) * direction
 
 
 @tf.function(reduce_retracing=True)
@@ -309,7 +312,7 @@ def linearized_margins(model, x, labels, norm=2):
   """
   margin_loss.dual_norm(norm)
   x = tf.convert_to_tensor(x, tf.float32)
-  labels, _ = attacks.check_logits_and_labels(model, x, labels)
+  labels, _ = argument_checks.check_logits_and_labels(model, x, labels)
   return _linearized_graph(model, x, labels, norm).numpy()
 
 
@@ -325,7 +328,7 @@ def _deepfool_graph(model, x, labels, norm, max_iter, overshoot):
       break
     step = deepfool_step(logits, gradients, labels, norm, logit_resolution(logits))
     step = tf.cast(step, x.dtype)
-    total = tf.where(attacks.expand_to(active, x), total + step, total)
+    total = tf.where(norm_balls.expand_to(active, x), total + step, total)
     x_adv = x + (1.0 + overshoot) * total
   flipped = attacks.misclassified(model(x_adv, training=False), labels)
   return x_adv, flipped
@@ -352,10 +355,10 @@ def deepfool(model, x, labels, norm=2, max_iter=50, overshoot=0.02):
     so that a tie of rounded logits does not stall the iteration.
   """
   margin_loss.dual_norm(norm)
-  max_iter = attacks.check_steps(max_iter, "max_iter")
-  overshoot = attacks.check_nonnegative("overshoot", overshoot)
+  max_iter = argument_checks.check_steps(max_iter, "max_iter")
+  overshoot = argument_checks.check_nonnegative("overshoot", overshoot)
   x = tf.convert_to_tensor(x, tf.float32)
-  labels, _ = attacks.check_logits_and_labels(model, x, labels)
+  labels, _ = argument_checks.check_logits_and_labels(model, x, labels)
   x_adv, flipped = _deepfool_graph(
       model, x, labels, norm, tf.constant(max_iter), tf.constant(overshoot)
   )

@@ -38,7 +38,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_large_margin import attacks
+from tf_large_margin import argument_checks
 from tf_large_margin import margin_loss
 from tf_large_margin import margin_estimation
 
@@ -279,8 +279,10 @@ class MarginMonitor(keras.callbacks.Callback):
     if not isinstance(deepfool, (bool, np.bool_)):
       raise ValueError(f"deepfool must be True or False; got {deepfool!r}.")
     self.deepfool = bool(deepfool)
-    self.deepfool_steps = attacks.check_steps(deepfool_steps, "deepfool_steps")
-    self.overshoot = attacks.check_nonnegative("overshoot", overshoot)
+    self.deepfool_steps = argument_checks.check_steps(
+        deepfool_steps, "deepfool_steps"
+    )
+    self.overshoot = argument_checks.check_nonnegative("overshoot", overshoot)
     self.layers = None if layers is None else self._checked_layers(layers)
     self.margins = None
     self.statistics = None

@@ -12,7 +12,7 @@ import keras
 from keras import ops
 from keras.optimizers.schedules import LearningRateSchedule
 
-from tf_large_margin.checks import check_real
+from tf_large_margin.argument_checks import check_real
 
 
 def check_lambda(lambda_):

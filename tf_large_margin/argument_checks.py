@@ -1,0 +1,125 @@
+"""Argument checks shared by the losses, the attacks, the margin estimates and the bounds.
+
+Each check raises ValueError with a message naming the argument, before any
+computation, and returns the value in the form the caller computes with. Labels are
+integer class indices of shape [batch].
+"""
+
+import math
+import numbers
+
+import numpy as np
+import tensorflow as tf
+
+
+def check_real(name, value, *, positive=False, upper=None):
+  """Returns ``value`` as a float after checking it is a finite Python real number.
+
+  For hyper-parameters kept in a `get_config` (losses, schedules): unlike
+  `check_nonnegative`, strings, tensors and booleans are rejected. It must be >= 0
+  (> 0 if ``positive``) and, if ``upper`` is given, < ``upper``.
+  """
+  if (
+      isinstance(value, bool)
+      or not isinstance(value, numbers.Real)
+      or not math.isfinite(value)
+  ):
+    raise ValueError(f"`{name}` must be a finite real number, got {name}={value!r}.")
+  if positive and value <= 0:
+    raise ValueError(f"`{name}` must be positive (> 0), got {name}={value!r}.")
+  if value < 0:
+    raise ValueError(f"`{name}` must be non-negative (>= 0), got {name}={value!r}.")
+  if upper is not None and value >= upper:
+    raise ValueError(
+        f"`{name}` is out of range: it must be < {upper}, got {name}={value!r}."
+    )
+  return float(value)
+
+
+def check_nonnegative(name, value):
+  """Returns ``value`` as a float after checking it is finite and >= 0."""
+  try:
+    value = float(value)
+  except (TypeError, ValueError):
+    raise ValueError(f"{name} must be a number; got {value!r}.") from None
+  if not math.isfinite(value) or value < 0:
+    raise ValueError(f"{name} must be finite and >= 0; got {value}.")
+  return value
+
+
+def check_steps(steps, name="steps"):
+  """Returns ``steps`` after checking it is an integer >= 1."""
+  if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+    raise ValueError(f"{name} must be an integer >= 1; got {steps!r}.")
+  return int(steps)
+
+
+def check_clip_range(clip_min, clip_max):
+  """Checks clip_min < clip_max."""
+  if not clip_min < clip_max:
+    raise ValueError(f"clip_min must be < clip_max; got [{clip_min}, {clip_max}].")
+
+
+def check_data_range(x, clip_min, clip_max):
+  """Checks clip_min < clip_max and that ``x`` lies in [clip_min, clip_max]."""
+  check_clip_range(clip_min, clip_max)
+  low, high = float(tf.reduce_min(x)), float(tf.reduce_max(x))
+  if low < clip_min or high > clip_max:
+    raise ValueError(
+        f"x must lie in the data range [clip_min, clip_max] = [{clip_min}, "
+        f"{clip_max}]; its values span [{low}, {high}]."
+    )
+
+
+def check_logits_and_labels(model, x, labels):
+  """Validates the model's output on ``x`` and the labels.
+
+  The model must map a [batch, ...] input to [batch, classes] float logits, and the
+  labels must be integers in [0, classes) of shape [batch]. One example is run
+  through the model to learn its number of classes.
+
+  Returns:
+    ``(labels as an int32 tensor, number of classes)``.
+  """
+  x = tf.convert_to_tensor(x)
+  if x.shape.rank is None or x.shape.rank < 1 or x.shape[0] == 0:
+    raise ValueError(f"x must be a non-empty batch [batch, ...]; got shape {x.shape}.")
+  logits = model(x[:1], training=False)
+  if not tf.is_tensor(logits) or logits.shape.rank != 2 or logits.shape[0] != 1:
+    shape = getattr(logits, "shape", type(logits).__name__)
+    raise ValueError(
+        "The model must return logits of shape [batch, classes]; on a batch of one "
+        f"example it returned {shape}."
+    )
+  if not logits.dtype.is_floating:
+    raise ValueError(f"The model must return float logits; got {logits.dtype.name}.")
+  labels = np.asarray(labels)
+  if not np.issubdtype(labels.dtype, np.integer):
+    raise ValueError(f"labels must be integer class indices; got dtype {labels.dtype}.")
+  if labels.shape != (x.shape[0],):
+    raise ValueError(
+        f"labels must have shape [batch] = ({x.shape[0]},); got {labels.shape}."
+    )
+  num_classes = logits.shape[1]
+  bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+  if bad.size:
+    raise ValueError(
+        f"labels must be in [0, {num_classes}) (the model's classes); labels[{bad[0]}] "
+        f"= {labels[bad[0]]}."
+    )
+  return tf.constant(labels, tf.int32), num_classes
+
+
+def check_float_inputs(x):
+  """``x`` as a tensor after checking its dtype is floating."""
+  x = tf.convert_to_tensor(x)
+  if not x.dtype.is_floating:
+    raise ValueError(f"x must be a float tensor; got dtype {x.dtype.name}.")
+  return x
+
+
+def float_inputs_and_labels(model, x, labels):
+  """``(x as a float tensor, int32 labels)`` after checking both and the model."""
+  x = check_float_inputs(x)
+  labels, _ = check_logits_and_labels(model, x, labels)
+  return x, labels
