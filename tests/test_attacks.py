@@ -270,6 +270,10 @@ def test_fgsm_with_the_logit_margin_defeats_gradient_masking(epsilon):
   assert accuracy(saturated, x_xent, labels) == 1.0
   x_margin = attacks.fgsm(saturated, x, labels, epsilon, loss="logit_margin")
   assert accuracy(saturated, x_margin, labels) < 0.9
+  # Scaling the logits scales the logit margin and not its gradient's sign: the
+  # margin-objective attack finds the unscaled network's adversarial accuracy.
+  x_base = attacks.fgsm(base, x, labels, epsilon, loss="logit_margin")
+  assert accuracy(saturated, x_margin, labels) == accuracy(base, x_base, labels)
   # The unsaturated network's cross-entropy attack does flip predictions.
   assert accuracy(base, attacks.fgsm(base, x, labels, epsilon), labels) < 1.0
 
