@@ -25,6 +25,7 @@ import tensorflow as tf
 import tf_large_margin as tlm
 from tf_large_margin import architectures
 from tf_large_margin import margin_loss
+from tf_large_margin import margin_penalty
 
 flags.DEFINE_integer("batch_size", 256, "Batch size.")
 flags.DEFINE_integer("steps", 10, "Timed steps per variant (after 2 warm-up steps).")
@@ -65,31 +66,29 @@ def original_large_margin(
         axis=1,
     )
     distances = differences / (tf.stop_gradient(norms) + epsilon)
-    losses.append(tf.reduce_mean(margin_loss.distance_loss(distances, gamma, alpha_factor)))
+    losses.append(tf.reduce_mean(margin_penalty.distance_loss(distances, gamma, alpha_factor)))
   return tf.reduce_mean(losses)
 
 
 class OriginalFormulation(tlm.MarginModel):
-  """MarginModel whose step computes the margin as the original code does."""
+  """MarginModel whose margin term is computed as the original code does."""
 
-  def total_loss(self, x, y, sample_weight=None, training=False):
+  def margin_term(self, y, activations, sample_weight=None):
     del sample_weight
-    x = tf.convert_to_tensor(x)
-    logits, hidden = self.margin_endpoints(x, training=training)
-    layers_list = [x] + hidden
-    loss = original_large_margin(
+    logits, layers_list, _ = activations
+    settings = self.margin.margin_kwargs
+    term = original_large_margin(
         logits,
         tf.one_hot(tf.cast(y, tf.int32), 10),
         layers_list,
         self._layers_weights(layers_list),
         **{
-            k: v
-            for k, v in self.margin_loss.margin_kwargs.items()
-            if k in ("gamma", "alpha_factor", "top_k", "dist_norm", "epsilon")
+            k: settings[k]
+            for k in ("gamma", "alpha_factor", "top_k", "dist_norm", "epsilon")
         },
     )
-    self._loss_tracker.update_state(loss)
-    return loss, logits
+    self.margin_tracker.update_state(term)
+    return term
 
 
 def median_step_time(model, x, y, steps):
@@ -137,11 +136,16 @@ def activation_backward_time(x, steps):
   return median(forward_backward) - median(forward)
 
 
-def build(cls, loss):
+def build(cls, margin):
+  """The MNIST network as ``cls`` with ``margin`` (None: the cross-entropy step)."""
   keras.utils.set_random_seed(0)
   model = cls.from_model(
-      architectures.mnist_cnn(), margin_layers=MARGIN_LAYERS, layers_weights="size"
+      architectures.mnist_cnn(),
+      margin=margin,
+      margin_layers=MARGIN_LAYERS,
+      layers_weights="size",
   )
+  loss = None if margin else "sparse_categorical_crossentropy"
   model.compile(keras.optimizers.RMSprop(1e-3), loss=loss)
   return model
 
@@ -150,19 +154,19 @@ def main(_):
   rng = np.random.default_rng(0)
   x = rng.uniform(size=(FLAGS.batch_size, 28, 28, 1)).astype("float32")
   y = rng.integers(0, 10, size=FLAGS.batch_size)
-  margin_loss = lambda k: tlm.LargeMarginLoss(
+  margin = lambda k: tlm.LayerMargin(
       gamma=1e4, alpha_factor=4.0, top_k=k, dist_norm=np.inf, epsilon=1e-6
   )
   variants = [
-      ("xent", tlm.MarginModel, "sparse_categorical_crossentropy"),
-      ("margin k=1", tlm.MarginModel, margin_loss(1)),
-      ("original k=1", OriginalFormulation, margin_loss(1)),
-      ("margin k=9", tlm.MarginModel, margin_loss(9)),
-      ("original k=9", OriginalFormulation, margin_loss(9)),
+      ("xent", tlm.MarginModel, None),
+      ("margin k=1", tlm.MarginModel, margin(1)),
+      ("original k=1", OriginalFormulation, margin(1)),
+      ("margin k=9", tlm.MarginModel, margin(9)),
+      ("original k=9", OriginalFormulation, margin(9)),
   ]
   times = {}
-  for name, cls, loss in variants:
-    times[name] = median_step_time(build(cls, loss), x, y, FLAGS.steps)
+  for name, cls, setting in variants:
+    times[name] = median_step_time(build(cls, setting), x, y, FLAGS.steps)
   backward = activation_backward_time(tf.constant(x), FLAGS.steps)
   times["floor k=1"] = times["xent"] + backward
   times["floor k=9"] = times["xent"] + 9 * backward

@@ -5,7 +5,8 @@ MNIST with a few thousand training examples, the 2-layer CNN of Sokolic et al.
 (32,5,5)-conv, 2x2 max-pool, linear classifier), one run per method and training-set
 size, at the same budget. Writes `comparison.md` (test accuracy and the median
 input-space margin of correctly classified test images: first-order l2 and
-DeepFool l2) and `comparison.json` to --out_dir.
+DeepFool l2) and `comparison.json` to --out_dir; each run's outputs (model,
+logs, results.json: see runner.py) are in <out_dir>/runs/<size>_<method>.
 
   python examples/compare_methods.py --data_source=/path/to/mnist \\
       --train_sizes=5000,20000 --train_steps=2000
@@ -13,7 +14,9 @@ DeepFool l2) and `comparison.json` to --out_dir.
 Methods: weight decay (xent + weight decay), hinge (Crammer-Singer + weight
 decay), jacobian (hinge + Jacobian regulariser, Sokolic et al. Eq. 26), margin
 (Eq. 10 at the input, l2, + xent), amsoftmax, arcface, lsoftmax (m = 2),
-sphereface (m = 4) (on the `CosineHead` each loss expects; all with weight decay).
+sphereface (m = 4) (on the `CosineHead` each loss expects; all with weight decay,
+Adam at a constant learning rate, batches repeated before batching as mnist.py).
+Every run is built and trained by the examples' runner (runner.py).
 L-Softmax and SphereFace anneal their target logit as in the papers,
 scale * (lambda cos + psi) / (1 + lambda) with lambda = max(lambda_min,
 lambda_base * (1 + lambda_gamma * step)^(-lambda_power)) (--lambda_* flags,
@@ -24,55 +27,104 @@ cos * scale (`tf_large_margin.layers`).
 
 import json
 import os
-import time
 
 from absl import app
 from absl import flags
 import keras
 import numpy as np
-import tensorflow as tf
 
 import tf_large_margin as tlm
-from tf_large_margin import datasets
 from tf_large_margin import margin_estimation
-from tf_large_margin import regularizers
 
-import lambda_flags
+import config as config_lib
+import runner
 
-METHODS = (
-    "weight_decay",
-    "hinge",
-    "jacobian",
-    "margin",
-    "amsoftmax",
-    "arcface",
-    "lsoftmax",
-    "sphereface",
+# The RunConfig of each method (on top of the shared settings below).
+METHODS = {
+    "weight_decay": dict(loss="xent"),
+    "hinge": dict(loss="hinge"),
+    "jacobian": dict(loss="jacobian"),
+    "margin": dict(loss="margin", dist_norm=2, xent_weight=1.0),
+    "amsoftmax": dict(loss="amsoftmax", cosine_margin=0.35, cosine_scale=30.0),
+    "arcface": dict(loss="arcface", cosine_margin=0.5, cosine_scale=30.0),
+    "lsoftmax": dict(loss="lsoftmax", multiplicative_margin=2),
+    "sphereface": dict(loss="sphereface", multiplicative_margin=4),
+}
+
+# Settings every method shares; those in FLAG_NAMES are flags.
+SHARED = dict(
+    data_source="embedded",
+    train_steps=2000,
+    batch_size=64,
+    optimizer="adam",
+    learning_rate=1e-3,
+    optimizer_epsilon=1e-7,
+    lr_schedule="constant",
+    clip_norm=0.0,
+    weight_decay=5e-4,
+    jacobian_weight=0.1,
+    gamma=2.0,
+    margin_layers=["input"],
+    layers_weights="none",
+    verbose=0,
 )
-
-flags.DEFINE_string("data_source", None, "MNIST source (default: the embedded sample).")
+FLAG_NAMES = (
+    "data_source",
+    "train_steps",
+    "batch_size",
+    "learning_rate",
+    "weight_decay",
+    "jacobian_weight",
+    "gamma",
+    "lambda_base",
+    "lambda_gamma",
+    "lambda_power",
+    "lambda_min",
+    "seed",
+)
+config_lib.define_flags(
+    SHARED,
+    names=FLAG_NAMES,
+    helps=dict(
+        data_source="MNIST source: 'embedded' (the sample shipped with the "
+        "package), 'tfds' or a directory with the IDX files.",
+        train_steps="Training steps per run.",
+        batch_size="Batch size.",
+        learning_rate="Adam learning rate.",
+        weight_decay="Weight decay rate (all methods).",
+        jacobian_weight="Jacobian regulariser weight lambda.",
+        gamma="Eq. 10 margin gamma at the input (l2, pixels in [0, 1]).",
+        seed="Seed of the subset, initialisation and data order.",
+    ),
+)
 flags.DEFINE_list(
     "train_sizes", ["5000", "20000"], "Class-balanced training set sizes."
 )
-flags.DEFINE_list("methods", list(METHODS), f"Methods among {METHODS}.")
-flags.DEFINE_integer("train_steps", 2000, "Training steps per run.")
-flags.DEFINE_integer("batch_size", 64, "Batch size.")
-flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate.")
-flags.DEFINE_float("weight_decay", 5e-4, "Weight decay rate (all methods).")
-flags.DEFINE_float("jacobian_weight", 0.1, "Jacobian regulariser weight lambda.")
-flags.DEFINE_float(
-    "gamma", 2.0, "Eq. 10 margin gamma at the input (l2, pixels in [0, 1])."
-)
+flags.DEFINE_list("methods", list(METHODS), f"Methods among {', '.join(METHODS)}.")
 flags.DEFINE_integer("num_test", 10000, "Test images evaluated (accuracy).")
 flags.DEFINE_integer("num_margin", 1000, "Test images whose margins are estimated.")
-flags.DEFINE_integer("seed", 0, "Seed of the subset, initialisation and shuffling.")
 flags.DEFINE_string("out_dir", "/tmp/tf_large_margin_comparison", "Output directory.")
 FLAGS = flags.FLAGS
 
 
-def sokolic_cnn(head_config=None):
-  """The CNN of Sokolic et al.; the classifier is linear or, given its arguments
-  ``head_config``, a `CosineHead`."""
+def run_config():
+  """The `config.RunConfig` the methods share (one loop per run)."""
+  config = config_lib.from_flags()
+  return config.replace(steps_per_loop=config.train_steps)
+
+
+def method_config(base, method, size):
+  """The `config.RunConfig` of one method at one training-set size."""
+  return base.replace(
+      num_train_examples=size,
+      model_dir=os.path.join(FLAGS.out_dir, "runs", f"{size}_{method}"),
+      **METHODS[method],
+  )
+
+
+def sokolic_cnn():
+  """The CNN of Sokolic et al. with a linear classifier "head" (the runner
+  replaces it by the `CosineHead` of the cosine losses)."""
   inputs = keras.Input((28, 28, 1), name="image")
   h = inputs
   for i in range(2):
@@ -81,48 +133,7 @@ def sokolic_cnn(head_config=None):
     )
     h = keras.layers.MaxPooling2D(2)(h)
   features = keras.layers.Flatten(name="features")(h)
-  head = (
-      keras.layers.Dense(10, name="head")
-      if head_config is None
-      else tlm.CosineHead(10, name="head", **head_config)
-  )
-  return inputs, head(features)
-
-
-def build(method):
-  """The compiled model of one method."""
-  keras.utils.set_random_seed(FLAGS.seed)
-  hinge = tlm.MulticlassHinge("crammer_singer", margin=1.0)
-  loss = {
-      "weight_decay": keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-      "hinge": hinge,
-      "jacobian": hinge,
-      "margin": tlm.LargeMarginLoss(
-          gamma=FLAGS.gamma, dist_norm=2, cross_entropy_weight=1.0
-      ),
-      "amsoftmax": tlm.AMSoftmax(margin=0.35, scale=30.0),
-      "arcface": tlm.ArcFace(margin=0.5, scale=30.0),
-      "lsoftmax": tlm.LSoftmax(m=2, lambda_=lambda_flags.annealing_lambda()),
-      "sphereface": tlm.SphereFace(m=4, lambda_=lambda_flags.annealing_lambda()),
-  }[method]
-  inputs, outputs = sokolic_cnn(getattr(loss, "head_config", None))
-  if method == "jacobian":
-    model = tlm.JacobianModel(
-        inputs,
-        outputs,
-        feature_layer="features",
-        jacobian_weight=FLAGS.jacobian_weight,
-        seed=FLAGS.seed,
-    )
-  else:
-    model = tlm.MarginModel(inputs, outputs, margin_layers=["input"])
-  regularizers.apply_weight_decay(model, FLAGS.weight_decay)
-  model.compile(
-      keras.optimizers.Adam(FLAGS.learning_rate),
-      loss=loss,
-      metrics=[tlm.layers.accuracy_metric(model)],
-  )
-  return model
+  return keras.Model(inputs, keras.layers.Dense(10, name="head")(features))
 
 
 def input_margins(model, x, y):
@@ -135,33 +146,24 @@ def input_margins(model, x, y):
   )
 
 
-def run(method, train, x_test, y_test):
-  model = build(method)
-  start = time.time()
-  steps_per_epoch = min(FLAGS.train_steps, len(train[0]) // FLAGS.batch_size)
-  dataset = datasets.make_tf_dataset(
-      *train, FLAGS.batch_size, training=True, seed=FLAGS.seed
-  ).repeat()
-  model.fit(
-      dataset,
-      epochs=FLAGS.train_steps // steps_per_epoch,
-      steps_per_epoch=steps_per_epoch,
-      verbose=0,
-      callbacks=[tlm.LambdaScheduler()],  # lsoftmax / sphereface annealing
+def run(config, method, strategy):
+  """Trains and evaluates one method; returns its row of the comparison."""
+  splits = runner.load_splits("mnist", config)
+  x_test, y_test = splits["test"]
+  splits["test"] = (x_test[: FLAGS.num_test], y_test[: FLAGS.num_test])
+  results, model = runner.train_and_evaluate(
+      config, strategy, sokolic_cnn, ["input"], runner.numpy_data(splits, config)
   )
-  seconds = time.time() - start
-  test = datasets.make_tf_dataset(x_test, y_test, 500, training=False)
-  accuracy = model.evaluate(test, verbose=0, return_dict=True)["accuracy"]
   x_margin = x_test[: FLAGS.num_margin].astype("float32") / 255.0
   first_order, deepfool = input_margins(
       tlm.layers.logits_model(model), x_margin, y_test[: FLAGS.num_margin]
   )
   return dict(
       method=method,
-      accuracy=float(accuracy),
+      accuracy=float(results["test_accuracy"]),
       first_order_l2=first_order,
       deepfool_l2=deepfool,
-      train_seconds=seconds,
+      train_seconds=results["train_seconds_this_run"],
   )
 
 
@@ -183,45 +185,21 @@ def markdown(rows):
 def main(_):
   unknown = set(FLAGS.methods) - set(METHODS)
   if unknown:
-    raise ValueError(f"Unknown methods {sorted(unknown)}; choose among {METHODS}.")
-  x_train, y_train, x_test, y_test = datasets.load_dataset("mnist", FLAGS.data_source)
-  x_test, y_test = x_test[: FLAGS.num_test], y_test[: FLAGS.num_test]
+    raise ValueError(
+        f"Unknown methods {sorted(unknown)}; choose among {tuple(METHODS)}."
+    )
+  base = run_config()
+  strategy = runner.make_strategy(base)
   os.makedirs(FLAGS.out_dir, exist_ok=True)
   rows = []
   for size in map(int, FLAGS.train_sizes):
-    train = datasets.balanced_subset(
-        x_train, y_train, size, datasets.NUM_CLASSES, FLAGS.seed
-    )
     for method in FLAGS.methods:
-      row = dict(train_size=size, **run(method, train, x_test, y_test))
+      config = method_config(base, method, size)
+      row = dict(train_size=size, **run(config, method, strategy))
       print(json.dumps(row), flush=True)
       rows.append(row)
   with open(os.path.join(FLAGS.out_dir, "comparison.json"), "w") as f:
-    json.dump(
-        dict(
-            flags={
-                k: FLAGS[k].value
-                for k in (
-                    "data_source",
-                    "train_sizes",
-                    "train_steps",
-                    "batch_size",
-                    "learning_rate",
-                    "weight_decay",
-                    "jacobian_weight",
-                    "gamma",
-                    "lambda_base",
-                    "lambda_gamma",
-                    "lambda_power",
-                    "lambda_min",
-                    "seed",
-                )
-            },
-            rows=rows,
-        ),
-        f,
-        indent=1,
-    )
+    json.dump(dict(flags=config_lib.script_flags(), rows=rows), f, indent=1)
   with open(os.path.join(FLAGS.out_dir, "comparison.md"), "w") as f:
     f.write(markdown(rows))
   print(markdown(rows))

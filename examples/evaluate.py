@@ -56,6 +56,8 @@ from tf_large_margin import margin_estimation
 matplotlib.use("Agg")
 from matplotlib import pyplot  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+import config as config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 FLAGS = flags.FLAGS
 flags.DEFINE_list("model", None, "Comma-separated .keras model files to evaluate.")
 flags.DEFINE_string(
@@ -65,16 +67,19 @@ flags.DEFINE_string(
     "examples are crafted on (none: no black-box evaluation).",
 )
 flags.DEFINE_enum("dataset", "mnist", list(datasets.DATASET_NAMES), "Data set.")
-flags.DEFINE_string(
-    "data_source",
-    None,
-    "'embedded' (MNIST sample shipped with the "
-    "package), 'tfds', or a directory with the data set's files.",
+config_lib.define_flags(
+    dict(batch_size=250, margin_layers=["input"], dist_norm=2),
+    names=["data_source", "batch_size", "margin_layers", "dist_norm", "seed"],
+    helps=dict(
+        batch_size="Examples per batch.",
+        margin_layers="Layers of the first-order margins ('input' or layer names).",
+        dist_norm="Norm of the margins: 1, 2 or inf.",
+        seed="Seed of the Gaussian noise.",
+    ),
 )
 flags.DEFINE_integer(
     "num_examples", 0, "Test examples evaluated (the first ones; 0: all)."
 )
-flags.DEFINE_integer("batch_size", 250, "Examples per batch.")
 flags.DEFINE_list(
     "epsilons",
     ["0", "0.05", "0.1", "0.15", "0.2", "0.25", "0.3"],
@@ -88,12 +93,6 @@ flags.DEFINE_list(
     ["0", "0.1", "0.2", "0.3", "0.4", "0.5"],
     "Standard deviations of the Gaussian noise, in [0, 1] pixel units.",
 )
-flags.DEFINE_list(
-    "margin_layers",
-    ["input"],
-    "Layers of the first-order margins ('input' or layer names).",
-)
-flags.DEFINE_enum("dist_norm", "2", ["1", "2", "inf"], "Norm of the margins.")
 flags.DEFINE_integer("deepfool_steps", 50, "DeepFool's maximum steps (0: skip it).")
 flags.DEFINE_list(
     "thresholds",
@@ -112,7 +111,6 @@ flags.DEFINE_enum(
     ["none", *certified.METHODS],
     "Bound of the certified accuracy (none: skip it). crown is tightest and slowest.",
 )
-flags.DEFINE_integer("seed", 0, "Seed of the Gaussian noise.")
 flags.DEFINE_string("output_dir", "eval", "Directory of eval.json and the plots.")
 
 WHITE_BOX_ATTACKS = ("fgsm", "iterative_fgsm")
@@ -125,10 +123,6 @@ ESTIMATE_TITLES = {
 
 def progress(message):
   print(f"[evaluate] {message}", flush=True)
-
-
-def parse_norm(text):
-  return np.inf if text == "inf" else int(text)
 
 
 def model_name(path):
@@ -152,9 +146,10 @@ def test_dataset():
   _, _, x_test, y_test = datasets.load_dataset(FLAGS.dataset, FLAGS.data_source)
   if FLAGS.num_examples:
     x_test, y_test = x_test[: FLAGS.num_examples], y_test[: FLAGS.num_examples]
-  return datasets.make_tf_dataset(
-      x_test, y_test, FLAGS.batch_size, training=False
-  ), len(y_test)
+  dataset = datasets.make_tf_dataset(
+      x_test, y_test, FLAGS.batch_size, training=False, num_classes=datasets.NUM_CLASSES
+  )
+  return dataset, len(y_test)
 
 
 def accuracy_curve(
@@ -249,7 +244,7 @@ def margin_results(model, dataset, num_batches):
       model,
       dataset,
       layers=FLAGS.margin_layers,
-      dist_norm=parse_norm(FLAGS.dist_norm),
+      dist_norm=FLAGS.dist_norm,
       deepfool_steps=FLAGS.deepfool_steps,
       progress=lambda i: progress(f"  margins: batch {i + 1}/{num_batches}"),
   )
@@ -354,7 +349,8 @@ def plot_margin_histograms(name, values, path):
       axis.legend()
     title = ESTIMATE_TITLES.get(estimate, f"{estimate} (first order, Eq. 10)")
     axis.set_title(f"{name}: {title}")
-    axis.set_xlabel(f"margin (l_{FLAGS.dist_norm} distance)")
+    norm = config_lib.format_norm(FLAGS.dist_norm)
+    axis.set_xlabel(f"margin (l_{norm} distance)")
     axis.set_ylabel("correct test examples")
   figure.tight_layout()
   figure.savefig(path, dpi=120)
@@ -396,7 +392,7 @@ def main(argv):
       num_examples=num_examples,
       source_model=FLAGS.source_model,
       ifgsm_steps=FLAGS.ifgsm_steps,
-      dist_norm=FLAGS.dist_norm,
+      dist_norm=config_lib.format_norm(FLAGS.dist_norm),
       margin_layers=FLAGS.margin_layers,
       deepfool_steps=FLAGS.deepfool_steps,
       attack_losses=FLAGS.attack_losses,

@@ -19,21 +19,18 @@ a positive --epochs and --train_steps is an error):
   examples/REPRODUCTION.md for its accuracy over seeds).
 * default: the same at learning rate 0.01 for 1500 steps: a smoother, faster
   recipe for the embedded sample.
+
+``--help`` lists every flag with its default. Started again with the same flags
+after an interruption, a run resumes from its last checkpoint in --model_dir
+(runner.py, training.py).
 """
 
 from absl import app
 from absl import flags
 
-import common
+import config as config_lib
+import runner
 from tf_large_margin import architectures
-
-flags.DEFINE_enum(
-    "config",
-    "default",
-    ["default", "original"],
-    "Set of defaults; see the module docstring.",
-)
-FLAGS = flags.FLAGS
 
 # "all" margin layers: the input, every hidden block and the logits.
 ALL_MARGIN_LAYERS = ["input", "conv0", "conv1", "fc0", "logits"]
@@ -68,17 +65,41 @@ CONFIGS = {
     "default": dict(ORIGINAL, learning_rate=0.01, epochs=0, train_steps=1500),
 }
 
+DEFAULTS = config_lib.define_flags(CONFIGS["default"])
+_ORIGINAL = config_lib.RunConfig(**ORIGINAL)
+flags.DEFINE_enum(
+    "config",
+    "default",
+    list(CONFIGS),
+    "Set of defaults: 'default' (the defaults listed here) or 'original' (the "
+    "same with "
+    + ", ".join(
+        f"{name}={getattr(_ORIGINAL, name)}"
+        for name in ORIGINAL
+        if getattr(_ORIGINAL, name) != getattr(DEFAULTS, name)
+    )
+    + "); see the module docstring.",
+)
+FLAGS = flags.FLAGS
+
+
+def run_config():
+  """The `config.RunConfig` of the parsed flags, with --config's defaults."""
+  config_lib.set_defaults(CONFIGS[FLAGS.config])
+  return config_lib.from_flags()
+
 
 def main(_):
-  common.set_defaults(CONFIGS[FLAGS.config])
-  strategy = common.make_strategy()
-  splits = common.load_splits("mnist")
+  config = run_config()
+  strategy = runner.make_strategy(config)
+  splits = runner.load_splits("mnist", config)
   image_shape = splits["train"][0].shape[1:]
-  common.train_and_evaluate(
+  runner.train_and_evaluate(
+      config,
       strategy,
       lambda: architectures.mnist_cnn(input_shape=image_shape),
       ALL_MARGIN_LAYERS,
-      *common.numpy_pipelines(splits)
+      runner.numpy_data(splits, config),
   )
 
 

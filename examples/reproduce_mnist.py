@@ -34,16 +34,44 @@ from absl import app
 from absl import flags
 from absl import logging
 
-flags.DEFINE_string("data_source", "embedded", "As mnist.py's --data_source.")
+import config as config_lib
+
+# The mnist.py settings shared by every run of the sweep (flags of this script).
+SHARED = dict(
+    data_source="embedded",
+    train_steps=500,
+    steps_per_loop=100,
+    batch_size=128,
+    num_validation=5000,
+    learning_rate=1e-3,
+    xent_weight=1.0,
+)
+config_lib.define_flags(
+    SHARED,
+    names=SHARED,
+    helps=dict(
+        data_source="As mnist.py's --data_source.",
+        train_steps="Steps of each sweep run.",
+        steps_per_loop="Steps between validation checks.",
+        batch_size="Batch size.",
+        num_validation="Validation examples (paper: 5000).",
+        learning_rate="Adam learning rate.",
+        xent_weight="Cross-entropy weight of the margin runs.",
+    ),
+)
+# Everything the sweep does not vary is set here, not left to mnist.py's defaults
+# (which are the original configuration's).
+FIXED = dict(
+    optimizer="adam",
+    optimizer_epsilon=1e-7,
+    lr_schedule="constant",
+    weight_decay=0,
+    layers_weights="none",
+    verbose=2,
+)
 flags.DEFINE_string("out_dir", "/tmp/reproduce_mnist", "Output directory.")
-flags.DEFINE_integer("train_steps", 500, "Steps of each sweep run.")
 flags.DEFINE_integer("search_steps", 300, "Steps of each gamma-search run.")
-flags.DEFINE_integer("steps_per_loop", 100, "Steps between validation checks.")
-flags.DEFINE_integer("batch_size", 128, "Batch size.")
-flags.DEFINE_integer("num_validation", 5000, "Validation examples (paper: 5000).")
-flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate.")
-flags.DEFINE_float("xent_weight", 1.0, "Cross-entropy weight of the margin runs.")
-flags.DEFINE_list("norms", ["1", "2", "inf"], "Distance norms of the margin runs.")
+flags.DEFINE_list("norms", list(config_lib.NORMS), "Distance norms of the margin runs.")
 flags.DEFINE_string(
     "search_grid",
     "1:3,10,30,10/1;2:0.5,2,8,2/1;inf:0.05,0.2,0.8,0.2/1",
@@ -61,7 +89,9 @@ flags.DEFINE_list(
     ["68", "550", "5500"],
     "Training-set sizes of sweep (b) besides the full training set.",
 )
-flags.DEFINE_string("size_norm", "inf", "Norm of the margin runs of sweep (b).")
+flags.DEFINE_enum(
+    "size_norm", "inf", config_lib.NORMS, "Norm of the margin runs of sweep (b)."
+)
 FLAGS = flags.FLAGS
 
 MNIST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mnist.py")
@@ -96,24 +126,12 @@ def run(name, steps, *extra_flags):
   results_path = os.path.join(model_dir, "results.json")
   if not os.path.exists(results_path):
     os.makedirs(model_dir, exist_ok=True)
+    shared = {s: FLAGS[s].value for s in SHARED if s != "xent_weight"}
     command = [
         sys.executable,
         MNIST,
         f"--model_dir={model_dir}",
-        f"--data_source={FLAGS.data_source}",
-        f"--train_steps={steps}",
-        f"--steps_per_loop={FLAGS.steps_per_loop}",
-        f"--batch_size={FLAGS.batch_size}",
-        f"--num_validation={FLAGS.num_validation}",
-        f"--learning_rate={FLAGS.learning_rate}",
-        # Everything the sweep does not vary is set here, not left to mnist.py's
-        # defaults (which are the original configuration's).
-        "--optimizer=adam",
-        "--optimizer_epsilon=1e-7",
-        "--lr_schedule=constant",
-        "--weight_decay=0",
-        "--layers_weights=none",
-        "--verbose=2",
+        *config_lib.to_argv(dict(shared, train_steps=steps, **FIXED)),
         *extra_flags,
     ]
     start = time.time()

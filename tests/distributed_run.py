@@ -31,10 +31,16 @@ def build_model(keras, tlm):
       8, activation="tanh", name="fc", kernel_regularizer=keras.regularizers.L2(1e-3)
   )(h)
   logits = keras.layers.Dense(4, name="logits")(h)
-  model = tlm.MarginModel(inputs, logits, margin_layers=["input", "conv0", "fc"])
+  model = tlm.MarginModel(
+      inputs,
+      logits,
+      margin=tlm.LayerMargin(gamma=0.5, top_k=2),
+      margin_layers=["input", "conv0", "fc"],
+  )
   model.compile(
       keras.optimizers.SGD(0.5),
-      loss=tlm.LargeMarginLoss(gamma=0.5, top_k=2, cross_entropy_weight=0.5),
+      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+      loss_weights=0.5,
       metrics=["accuracy"],
   )
   return model

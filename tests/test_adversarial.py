@@ -20,6 +20,10 @@ def network(model_class=adversarial.AdversarialMarginModel, **kwargs):
   return model_class(inputs, keras.layers.Dense(3)(h), **kwargs)
 
 
+def cross_entropy():
+  return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
 def data(n=32):
   rng = np.random.default_rng(0)
   return rng.uniform(0.0, 1.0, size=(n, DIM)).astype("float32"), rng.integers(0, 3, n)
@@ -42,13 +46,14 @@ class Recording(adversarial.AdversarialMarginModel):
     ],
 )
 def test_the_margin_step_sees_the_clean_and_the_attacked_examples(attack_kwargs):
-  model = network(Recording, margin_layers=["input", "h"], **attack_kwargs)
-  model.seen = []
-  model.compile(
-      keras.optimizers.SGD(0.1),
-      loss=tlm.LargeMarginLoss(gamma=1.0, cross_entropy_weight=1.0),
-      run_eagerly=True,
+  model = network(
+      Recording,
+      margin=tlm.LayerMargin(gamma=1.0),
+      margin_layers=["input", "h"],
+      **attack_kwargs,
   )
+  model.seen = []
+  model.compile(keras.optimizers.SGD(0.1), loss=cross_entropy(), run_eagerly=True)
   x, y = data(8)
   if attack_kwargs["attack"] == "fgsm":
     expected = attacks.fgsm(model, x, y, 0.1)
@@ -77,14 +82,17 @@ def test_adversarial_batch_with_one_hot_labels_and_sample_weights():
   np.testing.assert_array_equal(batch_w, [0, 1, 2, 3, 4] * 2)
 
 
-def test_compiled_fit_with_the_margin_loss_and_plain_cross_entropy():
+def test_compiled_fit_with_the_margin_and_plain_cross_entropy():
   x, y = data(64)
-  for loss in (
-      tlm.LargeMarginLoss(gamma=1.0, cross_entropy_weight=1.0),
-      keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-  ):
-    model = network(margin_layers=["input", "h"], attack="pgd", epsilon=0.1, steps=2)
-    model.compile(keras.optimizers.Adam(1e-2), loss=loss)
+  for margin in (tlm.LayerMargin(gamma=1.0), None):
+    model = network(
+        margin=margin,
+        margin_layers=["input", "h"],
+        attack="pgd",
+        epsilon=0.1,
+        steps=2,
+    )
+    model.compile(keras.optimizers.Adam(1e-2), loss=cross_entropy())
     history = model.fit(x, y, batch_size=16, epochs=2, verbose=0)
     assert np.all(np.isfinite(history.history["loss"]))
 
@@ -93,15 +101,21 @@ def test_from_model_and_save_load(tmp_path):
   keras.utils.set_random_seed(0)
   base = keras.Sequential([keras.Input((DIM,)), keras.layers.Dense(3)])
   model = adversarial.AdversarialMarginModel.from_model(
-      base, attack="pgd", epsilon=0.3, norm=2, steps=5
+      base,
+      margin=tlm.LayerMargin(gamma=1.0, dist_norm="inf"),
+      attack="pgd",
+      epsilon=0.3,
+      norm=2,
+      steps=5,
   )
   assert model.attack_config["attack"] == "pgd" and model.attack_config["norm"] == 2
-  model.compile("sgd", loss=tlm.LargeMarginLoss(gamma=1.0))
+  model.compile("sgd", loss=None)
   path = str(tmp_path / "model.keras")
   model.save(path)
   loaded = keras.models.load_model(path)
   assert isinstance(loaded, adversarial.AdversarialMarginModel)
   assert loaded.attack_config == model.attack_config
+  assert loaded.margin.get_config() == model.margin.get_config()
   x, _ = data(4)
   np.testing.assert_allclose(loaded(x), model(x), rtol=1e-6)
 

@@ -1,354 +1,16 @@
-"""Tests for tf_large_margin.datasets (offline: all files are written here)."""
-
-import gzip
-import os
-import pickle
-import struct
-import sys
+"""Tests for tf_large_margin.datasets: sources, splits, noise, subsets and the
+tf.data pipelines (offline: all files are written here)."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from tf_large_margin import datasets
-
-IDX_NAMES = {
-    "train_images": "train-images-idx3-ubyte",
-    "train_labels": "train-labels-idx1-ubyte",
-    "test_images": "t10k-images-idx3-ubyte",
-    "test_labels": "t10k-labels-idx1-ubyte",
-}
-
-
-# ---------------------------------------------------------------------------
-# Tiny writers for test files
-# ---------------------------------------------------------------------------
-
-
-def random_images(n, shape, seed=0):
-  return np.random.default_rng(seed).integers(0, 256, (n, *shape), dtype=np.uint8)
-
-
-def random_labels(n, seed=0):
-  return np.random.default_rng(seed).integers(0, 10, n).astype(np.int64)
-
-
-def write_file(path, data):
-  """Writes raw bytes, gzipped if the name ends in .gz; returns the path."""
-  path = str(path)
-  opener = gzip.open if path.endswith(".gz") else open
-  with opener(path, "wb") as f:
-    f.write(data)
-  return path
-
-
-def idx_bytes(magic, dims, payload):
-  """Builds IDX file bytes from a magic number, header dims and a payload."""
-  return struct.pack(f">{1 + len(dims)}I", magic, *dims) + bytes(payload)
-
-
-def write_mnist_dir(directory, n_train=12, n_test=5, suffix=".gz"):
-  """Writes a small random MNIST-format data set; returns the arrays."""
-  arrays = (
-      random_images(n_train, (28, 28, 1), 1),
-      random_labels(n_train, 2),
-      random_images(n_test, (28, 28, 1), 3),
-      random_labels(n_test, 4),
-  )
-  writers = (datasets.write_idx_images, datasets.write_idx_labels) * 2
-  for key, writer, array in zip(IDX_NAMES, writers, arrays):
-    writer(os.path.join(directory, IDX_NAMES[key] + suffix), array)
-  return arrays
-
-
-def cifar_records(images, labels):
-  """CIFAR-10 binary records: label byte + CHW pixels, for HWC images."""
-  chw = images.transpose(0, 3, 1, 2).reshape(len(images), -1)
-  return np.concatenate([labels.astype(np.uint8)[:, None], chw], axis=1).tobytes()
-
-
-def cifar_pickle(images, labels, protocol=2):
-  """CIFAR-10 python batch bytes for HWC images."""
-  data = images.transpose(0, 3, 1, 2).reshape(len(images), -1)
-  batch = {b"batch_label": b"test", b"data": data, b"labels": labels.tolist()}
-  return pickle.dumps(batch, protocol=protocol)
-
-
-def write_cifar_dir(directory, binary, n=4, protocol=2):
-  """Writes a small CIFAR-10 data set (n images per batch); returns arrays."""
-  os.makedirs(directory, exist_ok=True)
-  suffix = ".bin" if binary else ""
-  names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-  batches = []
-  for seed, name in enumerate(names):
-    images, labels = random_images(n, (32, 32, 3), seed), random_labels(n, seed)
-    data = (
-        cifar_records(images, labels)
-        if binary
-        else cifar_pickle(images, labels, protocol)
-    )
-    write_file(os.path.join(directory, name + suffix), data)
-    batches.append((images, labels))
-  train = batches[:5]
-  return (
-      np.concatenate([b[0] for b in train]),
-      np.concatenate([b[1] for b in train]),
-      *batches[5],
-  )
-
-
-def assert_arrays_equal(actual, expected):
-  assert len(actual) == len(expected)
-  for a, e in zip(actual, expected):
-    assert a.dtype == e.dtype
-    np.testing.assert_array_equal(a, e)
-
-
-# ---------------------------------------------------------------------------
-# IDX readers
-# ---------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("suffix", ["", ".gz"])
-def test_idx_round_trip(tmp_path, suffix):
-  images = random_images(7, (28, 28, 1))
-  labels = random_labels(7)
-  images_path = str(tmp_path / ("images" + suffix))
-  labels_path = str(tmp_path / ("labels" + suffix))
-  datasets.write_idx_images(images_path, images)
-  datasets.write_idx_labels(labels_path, labels)
-  read_images = datasets.read_idx_images(images_path)
-  read_labels = datasets.read_idx_labels(labels_path)
-  assert read_images.dtype == np.uint8 and read_labels.dtype == np.int64
-  np.testing.assert_array_equal(read_images, images)
-  np.testing.assert_array_equal(read_labels, labels)
-
-
-def test_idx_writer_is_gzipped_and_standard(tmp_path):
-  path = str(tmp_path / "labels.gz")
-  datasets.write_idx_labels(path, np.array([3, 1, 4]))
-  with gzip.open(path, "rb") as f:
-    assert f.read() == idx_bytes(2049, [3], [3, 1, 4])
-
-
-@pytest.mark.parametrize("suffix", ["", ".gz"])
-def test_load_mnist_directory(tmp_path, suffix):
-  expected = write_mnist_dir(str(tmp_path), suffix=suffix)
-  assert_arrays_equal(datasets.load_mnist_directory(str(tmp_path)), expected)
-
-
-def test_load_mnist_directory_prefers_uncompressed(tmp_path):
-  write_mnist_dir(str(tmp_path), suffix=".gz")
-  expected = write_mnist_dir(str(tmp_path), n_train=3, n_test=2, suffix="")
-  assert_arrays_equal(datasets.load_mnist_directory(str(tmp_path)), expected)
-
-
-def test_idx_wrong_magic(tmp_path):
-  path = write_file(tmp_path / "x.gz", idx_bytes(2049, [1, 28, 28], [0] * 784))
-  with pytest.raises(
-      ValueError, match=r"x\.gz: bad IDX magic number 2049, expected 2051"
-  ):
-    datasets.read_idx_images(path)
-
-
-def test_idx_wrong_image_dims(tmp_path):
-  path = write_file(tmp_path / "x", idx_bytes(2051, [1, 28, 27], [0] * 756))
-  with pytest.raises(ValueError, match=r"x: header says items of shape \(28, 27\)"):
-    datasets.read_idx_images(path)
-
-
-def test_idx_truncated(tmp_path):
-  path = write_file(tmp_path / "x.gz", idx_bytes(2051, [2, 28, 28], [0] * 1000))
-  with pytest.raises(
-      ValueError, match=r"x\.gz: truncated file, header promises 2 items"
-  ):
-    datasets.read_idx_images(path)
-
-
-def test_idx_truncated_header(tmp_path):
-  path = write_file(tmp_path / "y", struct.pack(">I", 2049))
-  with pytest.raises(ValueError, match=r"y: truncated IDX header"):
-    datasets.read_idx_labels(path)
-
-
-def test_idx_trailing_bytes(tmp_path):
-  path = write_file(tmp_path / "y", idx_bytes(2049, [3], [1, 2, 3, 4, 5]))
-  with pytest.raises(ValueError, match=r"y: 2 trailing bytes after the 3 items"):
-    datasets.read_idx_labels(path)
-
-
-def test_idx_bad_label(tmp_path):
-  path = write_file(tmp_path / "y", idx_bytes(2049, [3], [1, 10, 3]))
-  with pytest.raises(ValueError, match=r"y: label 10 at index 1 is outside 0\.\.9"):
-    datasets.read_idx_labels(path)
-
-
-def test_idx_truncated_gzip_stream(tmp_path):
-  path = write_file(tmp_path / "y.gz", idx_bytes(2049, [3], [1, 2, 3]))
-  data = open(path, "rb").read()
-  write_file(tmp_path / "cut.bin", data[:-10])
-  os.rename(tmp_path / "cut.bin", tmp_path / "cut.gz")
-  with pytest.raises(ValueError, match=r"cut\.gz: corrupt or truncated gzip"):
-    datasets.read_idx_labels(str(tmp_path / "cut.gz"))
-
-
-def test_idx_count_mismatch(tmp_path):
-  write_mnist_dir(str(tmp_path))
-  datasets.write_idx_labels(str(tmp_path / IDX_NAMES["test_labels"]), random_labels(4))
-  with pytest.raises(
-      ValueError,
-      match=r"t10k-images-idx3-ubyte\.gz has 5 images but "
-      r".*t10k-labels-idx1-ubyte has 4 labels",
-  ):
-    datasets.load_mnist_directory(str(tmp_path))
-
-
-def test_idx_missing_file(tmp_path):
-  write_mnist_dir(str(tmp_path))
-  os.remove(tmp_path / (IDX_NAMES["train_labels"] + ".gz"))
-  with pytest.raises(FileNotFoundError, match=r"train-labels-idx1-ubyte\[\.gz\]"):
-    datasets.load_mnist_directory(str(tmp_path))
-
-
-def test_read_missing_file_names_path(tmp_path):
-  with pytest.raises(FileNotFoundError, match=r"nothing-here\.gz"):
-    datasets.read_idx_images(str(tmp_path / "nothing-here.gz"))
-
-
-# ---------------------------------------------------------------------------
-# CIFAR-10 readers
-# ---------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "binary,subdir",
-    [
-        (True, ""),
-        (True, "cifar-10-batches-bin"),
-        (False, ""),
-        (False, "cifar-10-batches-py"),
-    ],
-)
-def test_load_cifar10_directory(tmp_path, binary, subdir):
-  expected = write_cifar_dir(str(tmp_path / subdir), binary)
-  loaded = datasets.load_cifar10_directory(str(tmp_path))
-  assert_arrays_equal(loaded, expected)
-  assert loaded[0].shape == (20, 32, 32, 3) and loaded[2].shape == (4, 32, 32, 3)
-
-
-def test_cifar10_binary_is_chw_on_disk(tmp_path):
-  # Red channel all 1, green 2, blue 3: CHW on disk means 1024 ones first.
-  record = bytes([7] + [1] * 1024 + [2] * 1024 + [3] * 1024)
-  path = write_file(tmp_path / "b.bin", record)
-  images, labels = datasets.read_cifar10_binary(path)
-  np.testing.assert_array_equal(labels, [7])
-  np.testing.assert_array_equal(images[0, 5, 9], [1, 2, 3])
-
-
-@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
-def test_cifar10_pickle_protocols(tmp_path, protocol):
-  images, labels = random_images(3, (32, 32, 3)), random_labels(3)
-  path = write_file(tmp_path / "p", cifar_pickle(images, labels, protocol))
-  assert_arrays_equal(datasets.read_cifar10_pickle(path), (images, labels))
-
-
-def test_cifar10_binary_truncated(tmp_path):
-  data = cifar_records(random_images(2, (32, 32, 3)), random_labels(2))
-  path = write_file(tmp_path / "data_batch_1.bin", data[:-1])
-  with pytest.raises(
-      ValueError,
-      match=r"data_batch_1\.bin: size 6145 bytes is not a "
-      r"positive multiple of the 3073-byte",
-  ):
-    datasets.read_cifar10_binary(path)
-
-
-def test_cifar10_binary_trailing_bytes(tmp_path):
-  data = cifar_records(random_images(2, (32, 32, 3)), random_labels(2))
-  path = write_file(tmp_path / "b.bin", data + b"\0")
-  with pytest.raises(ValueError, match=r"b\.bin: size 6147 bytes"):
-    datasets.read_cifar10_binary(path)
-
-
-def test_cifar10_binary_empty(tmp_path):
-  path = write_file(tmp_path / "b.bin", b"")
-  with pytest.raises(ValueError, match=r"b\.bin: size 0 bytes"):
-    datasets.read_cifar10_binary(path)
-
-
-def test_cifar10_binary_bad_label(tmp_path):
-  data = cifar_records(random_images(2, (32, 32, 3)), np.array([3, 12]))
-  path = write_file(tmp_path / "b.bin", data)
-  with pytest.raises(ValueError, match=r"b\.bin: label 12 at index 1"):
-    datasets.read_cifar10_binary(path)
-
-
-def test_cifar10_pickle_bad_label(tmp_path):
-  path = write_file(
-      tmp_path / "p", cifar_pickle(random_images(2, (32, 32, 3)), np.array([-1, 3]))
-  )
-  with pytest.raises(ValueError, match=r"p: label -1 at index 0"):
-    datasets.read_cifar10_pickle(path)
-
-
-def test_cifar10_pickle_count_mismatch(tmp_path):
-  path = write_file(
-      tmp_path / "p", cifar_pickle(random_images(3, (32, 32, 3)), random_labels(2))
-  )
-  with pytest.raises(ValueError, match=r"p has 3 images but .*p has 2 labels"):
-    datasets.read_cifar10_pickle(path)
-
-
-def test_cifar10_pickle_wrong_data_shape(tmp_path):
-  batch = {b"data": np.zeros((2, 3000), np.uint8), b"labels": [1, 2]}
-  path = write_file(tmp_path / "p", pickle.dumps(batch))
-  with pytest.raises(
-      ValueError, match=r"p: expected uint8 image data of shape \(N, 3072\)"
-  ):
-    datasets.read_cifar10_pickle(path)
-
-
-def test_cifar10_pickle_missing_key(tmp_path):
-  path = write_file(
-      tmp_path / "p", pickle.dumps({b"data": np.zeros((1, 3072), np.uint8)})
-  )
-  with pytest.raises(
-      ValueError, match=r"p: expected a dict with keys b'data' and b'labels'"
-  ):
-    datasets.read_cifar10_pickle(path)
-
-
-def test_cifar10_pickle_truncated(tmp_path):
-  data = cifar_pickle(random_images(2, (32, 32, 3)), random_labels(2))
-  path = write_file(tmp_path / "p", data[:-100])
-  with pytest.raises(ValueError, match=r"p: not a valid CIFAR-10 pickle"):
-    datasets.read_cifar10_pickle(path)
-
-
-class _Exploit:
-
-  def __reduce__(self):
-    return (sys.exit, ("pickle executed code",))
-
-
-def test_cifar10_pickle_refuses_arbitrary_objects(tmp_path):
-  path = write_file(tmp_path / "p", pickle.dumps({b"data": _Exploit(), b"labels": []}))
-  with pytest.raises(ValueError, match=r"refusing to load global sys\.exit"):
-    datasets.read_cifar10_pickle(path)
-
-
-def test_cifar10_missing_batch(tmp_path):
-  write_cifar_dir(str(tmp_path), binary=True)
-  os.remove(tmp_path / "data_batch_3.bin")
-  with pytest.raises(FileNotFoundError, match=r"data_batch_3\.bin"):
-    datasets.load_cifar10_directory(str(tmp_path))
-
-
-def test_cifar10_empty_directory(tmp_path):
-  with pytest.raises(
-      FileNotFoundError, match=r"No CIFAR-10 batches .*cifar-10-batches-py"
-  ):
-    datasets.load_cifar10_directory(str(tmp_path))
+from dataset_writers import assert_arrays_equal
+from dataset_writers import random_images
+from dataset_writers import random_labels
+from dataset_writers import write_cifar_dir
+from dataset_writers import write_mnist_dir
 
 
 # ---------------------------------------------------------------------------
@@ -454,6 +116,17 @@ def test_load_dataset_tfds(monkeypatch):
   assert isinstance(x_train, np.ndarray) and x_train.shape == (6, 32, 32, 3)
   assert x_train.dtype == np.uint8 and y_test.dtype == np.int64
   np.testing.assert_array_equal(y_test, [0, 1, 2, 3])
+
+
+def test_load_dataset_tfds_checks_labels(monkeypatch):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  labels = tf.constant([0, 12, 3], tf.int64)
+  split = (tf.zeros((3, 2, 2, 1), tf.uint8), labels)
+  monkeypatch.setattr(tfds, "load", lambda name, **kwargs: [split, split])
+  with pytest.raises(
+      ValueError, match=r"TFDS mnist train labels: label 12 at index 1 is outside"
+  ):
+    datasets.load_dataset("mnist", "tfds")
 
 
 def test_tfds_dataset_passes_arguments(monkeypatch):
@@ -642,6 +315,73 @@ def test_make_tf_dataset_repeat_before_batch_keeps_every_batch_full():
   assert sorted(labels[:10]) == list(range(10))
   assert sorted(labels[10:]) == list(range(10))
   assert not np.array_equal(labels[:10], labels[10:])  # reshuffled per epoch
+
+
+def stream_batches(x, y, steps, start_step=0, **kwargs):
+  """The first ``steps`` batches of a repeated stream starting at ``start_step``."""
+  dataset = datasets.make_tf_dataset(
+      x, y, 4, training=True, seed=3, repeat=True, start_step=start_step, **kwargs
+  )
+  return list(dataset.take(steps).as_numpy_iterator())
+
+
+def test_make_tf_dataset_repeated_stream_is_a_function_of_the_step():
+  """Batch k of the stream depends on the seed and k only: a stream started at
+  ``start_step`` (a resumed run) continues an uninterrupted one exactly, across
+  passes, and the training images stay paired with their labels."""
+  x = np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1)
+  y = np.arange(10)
+  full = stream_batches(x, y, 9)
+  for start_step in (1, 2, 3, 7):
+    resumed = stream_batches(x, y, 9 - start_step, start_step)
+    for (x_full, y_full), (x_resumed, y_resumed) in zip(full[start_step:], resumed):
+      np.testing.assert_array_equal(x_resumed, x_full)
+      np.testing.assert_array_equal(y_resumed, y_full)
+  labels = np.concatenate([b[1] for b in full])
+  np.testing.assert_allclose(np.concatenate([b[0] for b in full]).ravel() * 255, labels)
+  passes = labels[:30].reshape(3, 10)
+  assert all(sorted(p) == list(range(10)) for p in passes)
+  assert len({tuple(p) for p in passes}) == 3  # a new permutation per pass
+  other_seed = datasets.make_tf_dataset(x, y, 4, True, seed=4, repeat=True)
+  assert not np.array_equal(next(iter(other_seed))[1], full[0][1])
+
+
+def test_make_tf_dataset_repeated_stream_without_training_keeps_the_order():
+  x = np.arange(6, dtype=np.uint8).reshape(6, 1, 1, 1)
+  dataset = datasets.make_tf_dataset(x, np.arange(6), 4, False, repeat=True)
+  labels = np.concatenate([b[1] for b in dataset.take(3).as_numpy_iterator()])
+  np.testing.assert_array_equal(labels, [0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5])
+
+
+def test_make_tf_dataset_repeated_stream_augmentation_resumes_exactly():
+  x = random_images(10, (32, 32, 3))
+  y = np.arange(10)
+  full = stream_batches(x, y, 6, augment="cifar")
+  resumed = stream_batches(x, y, 2, 4, augment="cifar")
+  for (x_full, _), (x_resumed, _) in zip(full[4:], resumed):
+    np.testing.assert_array_equal(x_resumed, x_full)
+  # Fresh draws per pass: the same example is augmented differently.
+  images, labels = (np.concatenate(parts) for parts in zip(*full))
+  first, second = (np.flatnonzero(labels == 0)[i] for i in (0, 1))
+  assert not np.array_equal(images[first], images[second])
+  assert _crop_kind(np.round(images[first] * 255).astype(np.uint8), x[0])
+
+
+def test_make_tf_dataset_start_step_needs_repeat():
+  with pytest.raises(ValueError, match=r"start_step=2 needs repeat=True"):
+    datasets.make_tf_dataset(np.zeros((2, 1, 1, 1)), [0, 1], 2, True, start_step=2)
+
+
+def test_make_tf_dataset_checks_the_labels():
+  """A label outside [0, num_classes) is named with its index where the data enter
+  (not as a graph error inside fit)."""
+  x = np.zeros((4, 1, 1, 1), np.uint8)
+  with pytest.raises(ValueError, match=r"y: label 10 at index 2 is outside 0\.\.9"):
+    datasets.make_tf_dataset(x, [0, 1, 10, 2], 2, True, num_classes=10)
+  with pytest.raises(ValueError, match=r"y: label -1 at index 3 is outside >= 0"):
+    datasets.make_tf_dataset(x, [0, 1, 2, -1], 2, False, repeat=True)
+  with pytest.raises(ValueError, match=r"x has 4 images but y has 3 labels"):
+    datasets.make_tf_dataset(x, [0, 1, 2], 2, False)
 
 
 def _crop_kind(augmented, original, pad=4):

@@ -22,15 +22,20 @@ NUM_EXAMPLES, BATCH_SIZE = 60, 25
 EPSILONS, SIGMAS = [0.0, 0.1], [0.3]
 
 
-def tiny_model(path, seed, loss):
+def tiny_model(path, seed, margin=None):
   keras.utils.set_random_seed(seed)
   x, y, _, _ = datasets.load_dataset("mnist")
   inputs = keras.Input((28, 28, 1))
   h = keras.layers.Dense(16, activation="relu", name="fc0")(
       keras.layers.Flatten()(inputs)
   )
-  model = tlm.MarginModel(inputs, keras.layers.Dense(10)(h), margin_layers=["input"])
-  model.compile(keras.optimizers.Adam(3e-3), loss=loss)
+  model = tlm.MarginModel(
+      inputs, keras.layers.Dense(10)(h), margin=margin, margin_layers=["input"]
+  )
+  model.compile(
+      keras.optimizers.Adam(3e-3),
+      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+  )
   model.fit(x[:1000] / 255.0, y[:1000], batch_size=50, epochs=1, verbose=0)
   model.save(path)
   return model
@@ -39,15 +44,9 @@ def tiny_model(path, seed, loss):
 @pytest.fixture(scope="module")
 def evaluation(tmp_path_factory):
   directory = tmp_path_factory.mktemp("evaluate")
-  source = tiny_model(
-      str(directory / "xent.keras"),
-      0,
-      keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-  )
+  source = tiny_model(str(directory / "xent.keras"), 0)
   target = tiny_model(
-      str(directory / "margin.keras"),
-      1,
-      tlm.LargeMarginLoss(gamma=1.0, cross_entropy_weight=1.0),
+      str(directory / "margin.keras"), 1, margin=tlm.LayerMargin(gamma=1.0)
   )
   output = directory / "out"
   run = subprocess.run(
@@ -144,7 +143,9 @@ def test_report_values_equal_the_library(evaluation):
     assert result["certified"][epsilon] == pytest.approx(certified_accuracy)
     # A floor under every attack.
     assert result["certified"][epsilon] <= result["white_box"]["fgsm"][epsilon]
-    assert result["certified"][epsilon] <= result["white_box"]["iterative_fgsm"][epsilon]
+    assert (
+        result["certified"][epsilon] <= result["white_box"]["iterative_fgsm"][epsilon]
+    )
   assert result["certified"]["0.0"] > 0.5 * clean
   for loss in ("xent", "logit_margin"):
     zero = [
@@ -266,7 +267,9 @@ def test_model_with_cos_scale_head(tmp_path):
   # The bounds do not support the cosine head: reported, not fatal.
   assert "CosineHead" in result["certified_unavailable"]
   summary = margin_estimation.summarize_margins(
-      margin_estimation.dataset_margins(logits_model, dataset, ["input"], deepfool_steps=10)
+      margin_estimation.dataset_margins(
+          logits_model, dataset, ["input"], deepfool_steps=10
+      )
   )
   for name in ("input", "deepfool"):
     assert np.isfinite(result["margins"][name]["median"])

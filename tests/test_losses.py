@@ -1,4 +1,4 @@
-"""LargeMarginLoss as a plain Keras loss."""
+"""LargeMarginLoss as a plain Keras loss; LayerMargin, the model's margin setting."""
 
 import keras
 import numpy as np
@@ -217,3 +217,60 @@ def test_out_of_range_class_ids_raise():
     tlm.LargeMarginLoss()(np.array([0, 5, 1, 2, 3, 4, 0, 1]), LOGITS)
   with pytest.raises(tf.errors.InvalidArgumentError, match="class ids must be >= 0"):
     tlm.LargeMarginLoss()(np.array([0, -1, 1, 2, 3, 4, 0, 1]), LOGITS)
+
+
+@pytest.mark.parametrize("dist_norm", ["inf", np.inf, float("inf"), np.float64(np.inf)])
+def test_dist_norm_inf_in_every_spelling(dist_norm):
+  loss = tlm.LargeMarginLoss(reduction=None, **dict(KWARGS, dist_norm=dist_norm))
+  assert loss.dist_norm == np.inf and loss.get_config()["dist_norm"] == np.inf
+  reference = tlm.LargeMarginLoss(reduction=None, **dict(KWARGS, dist_norm=np.inf))
+  np.testing.assert_array_equal(loss(LABELS, LOGITS), reference(LABELS, LOGITS))
+  assert tlm.LayerMargin(dist_norm=dist_norm).dist_norm == np.inf
+
+
+class TestLayerMargin:
+  """The model's margin setting: validation, serialisation, its reduction."""
+
+  def test_settings_and_serialisation(self):
+    margin = tlm.LayerMargin(
+        gamma=2.0, dist_norm="inf", shrinkage=half_distance, from_logits=False
+    )
+    restored = keras.saving.deserialize_keras_object(
+        keras.saving.serialize_keras_object(margin)
+    )
+    assert isinstance(restored, tlm.LayerMargin)
+    assert restored.shrinkage is half_distance
+    assert restored.get_config() == margin.get_config()
+    loss = tlm.LargeMarginLoss(gamma=2.0, dist_norm=np.inf, shrinkage=half_distance)
+    assert margin.margin_kwargs == loss.margin_kwargs
+
+  def test_reduce_is_keras_reduction(self):
+    values = np.linspace(-1.0, 1.0, 8).astype("float32")
+    weights = np.linspace(0.0, 2.0, 8).astype("float32")
+    for reduction, expected in [
+        ("sum_over_batch_size", np.sum(values * weights) / 8),
+        ("sum", np.sum(values * weights)),
+        ("mean_with_sample_weight", np.sum(values * weights) / weights.sum()),
+    ]:
+      margin = tlm.LayerMargin(reduction=reduction)
+      np.testing.assert_allclose(
+          margin.reduce(values, sample_weight=weights), expected, rtol=1e-6
+      )
+
+  @pytest.mark.parametrize(
+      "kwargs,match",
+      [
+          (dict(dist_norm=3), "dist_norm"),
+          (dict(dist_norm="l2"), "dist_norm"),
+          (dict(top_k=0), "top_k"),
+          (dict(epsilon=-1.0), "epsilon"),
+          (dict(aggregation="median"), "aggregation"),
+          (dict(shrinkage="tanh"), "shrinkage"),
+          (dict(reduction=None), "reduction must reduce the batch"),
+          (dict(reduction="none"), "reduction must reduce the batch"),
+          (dict(reduction="max"), "reduction"),
+      ],
+  )
+  def test_bad_settings(self, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+      tlm.LayerMargin(**kwargs)

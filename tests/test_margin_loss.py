@@ -375,6 +375,87 @@ def test_half_precision_logits_give_float32_finite_loss():
   np.testing.assert_allclose(loss.numpy(), reference.numpy(), rtol=0.05)
 
 
+@pytest.mark.parametrize(
+    "spelling,expected",
+    [
+        ("inf", np.inf),
+        (" Inf", np.inf),
+        (np.inf, np.inf),
+        (float("inf"), np.inf),
+        (np.float32(np.inf), np.inf),
+        (1, 1),
+        (2.0, 2),
+        (np.int64(2), 2),
+    ],
+)
+def test_check_dist_norm_spellings(spelling, expected):
+  value = margin_loss.check_dist_norm(spelling)
+  assert value == expected and type(value) is type(expected)
+
+
+@pytest.mark.parametrize("bad", [3, 0, -np.inf, np.nan, True, "2", "l2", None])
+def test_check_dist_norm_rejects(bad):
+  with pytest.raises(ValueError, match="dist_norm must be 1, 2 or np.inf"):
+    margin_loss.check_dist_norm(bad)
+
+
+def test_dist_norm_inf_string_in_the_margin_functions():
+  net = TinyNet()
+  x, labels = make_data()
+  with tf.GradientTape(persistent=True) as tape:
+    tape.watch(x)
+    layers = net.layers(x)
+  kwargs = dict(logits=layers[-1], one_hot_labels=tf.one_hot(labels, CLASSES), top_k=2)
+  for function, extra in [
+      (margin_loss.large_margin, dict(layers_list=layers, tape=tape)),
+      (margin_loss.large_margin_per_example, dict(layers_list=layers, tape=tape)),
+      (margin_loss.logit_margin_per_example, {}),
+  ]:
+    np.testing.assert_array_equal(
+        function(dist_norm="inf", **kwargs, **extra),
+        function(dist_norm=np.inf, **kwargs, **extra),
+    )
+  _, with_string = margin_loss.margin_distances(
+      dist_norm="inf", layers_list=layers, tape=tape, **kwargs
+  )
+  _, with_inf = margin_loss.margin_distances(
+      dist_norm=np.inf, layers_list=layers, tape=tape, **kwargs
+  )
+  for a, b in zip(with_string, with_inf):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_loss_computed_while_the_tape_records():
+  """Inside the persistent tape's block (`stop_recording` pauses it for the
+  backward passes) the tape differentiates the loss as an outer tape does."""
+  net = TinyNet(dtype=tf.float64)
+  x, labels = make_data(np.float64)
+  kwargs = dict(
+      one_hot_labels=tf.one_hot(labels, CLASSES, dtype=tf.float64),
+      gamma=1e3,
+      top_k=2,
+      worst_case_loss=False,
+  )
+  with tf.GradientTape(persistent=True) as tape:
+    tape.watch(x)
+    layers = net.layers(x)
+    inside = margin_loss.large_margin(
+        logits=layers[-1], layers_list=layers, tape=tape, **kwargs
+    )
+  inside_grads = tape.gradient(inside, net.weights)
+  with tf.GradientTape() as outer:
+    with tf.GradientTape(persistent=True) as tape:
+      tape.watch(x)
+      layers = net.layers(x)
+    outside = margin_loss.large_margin(
+        logits=layers[-1], layers_list=layers, tape=tape, **kwargs
+    )
+  outside_grads = outer.gradient(outside, net.weights)
+  np.testing.assert_allclose(inside, outside, rtol=1e-12)
+  for a, b in zip(inside_grads, outside_grads):
+    np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
+
+
 class TestErrors:
 
   def call(self, **overrides):

@@ -1,4 +1,5 @@
-"""MarginModel: its step against a hand-written one, serialisation, errors, precision."""
+"""MarginModel: its step against a hand-written one, the compiled loss beside the
+margin term, from_logits, serialisation, errors, precision."""
 
 import keras
 import numpy as np
@@ -19,7 +20,7 @@ def data(n=24, seed=0):
   )
 
 
-def functional(seed=1, dtype=None):
+def functional(seed=1, dtype=None, softmax=False):
   keras.utils.set_random_seed(seed)
   inputs = keras.Input((6, 6, 1))
   h = keras.layers.Conv2D(3, 3, activation="tanh", name="conv0")(inputs)
@@ -27,7 +28,13 @@ def functional(seed=1, dtype=None):
       8, activation="tanh", name="fc", kernel_regularizer=keras.regularizers.L2(1e-2)
   )(keras.layers.Flatten()(h))
   logits = keras.layers.Dense(CLASSES, name="logits", dtype=dtype)(h)
+  if softmax:
+    return inputs, keras.layers.Softmax(name="probs")(logits)
   return inputs, logits
+
+
+def cross_entropy():
+  return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
 LOSS_KWARGS = dict(
@@ -46,6 +53,7 @@ def test_step_equals_hand_written_step(layers_weights):
   sample_weight = np.linspace(0.0, 2.0, len(y)).astype("float32")
   model = tlm.MarginModel(
       *functional(),
+      margin=tlm.LayerMargin(**LOSS_KWARGS),
       margin_layers=["input", "conv0", "fc"],
       layers_weights=layers_weights
   )
@@ -53,10 +61,7 @@ def test_step_equals_hand_written_step(layers_weights):
   for a, b in zip(model.get_weights(), reference.get_weights()):
     np.testing.assert_array_equal(a, b)
   lr, xent_weight = 0.1, 0.7
-  model.compile(
-      keras.optimizers.SGD(lr),
-      loss=tlm.LargeMarginLoss(cross_entropy_weight=xent_weight, **LOSS_KWARGS),
-  )
+  model.compile(keras.optimizers.SGD(lr), loss=cross_entropy(), loss_weights=xent_weight)
   logs = model.train_on_batch(x, y, sample_weight=sample_weight, return_dict=True)
 
   # By hand: explicit tapes, the conv/fc activations from the reference model.
@@ -90,7 +95,7 @@ def test_step_equals_hand_written_step(layers_weights):
   grads = outer.gradient(total, reference.trainable_weights)
   np.testing.assert_allclose(logs["loss"], total.numpy(), rtol=1e-5)
   np.testing.assert_allclose(logs["margin"], margin_part.numpy(), rtol=1e-5)
-  np.testing.assert_allclose(logs["xent"], xent_part.numpy(), rtol=1e-5)
+  assert set(logs) == {"loss", "margin"}
   for w, g, new in zip(reference.trainable_weights, grads, model.trainable_weights):
     np.testing.assert_allclose(new.numpy(), w.numpy() - lr * g.numpy(), atol=1e-6)
 
@@ -111,13 +116,12 @@ def test_other_losses_train_as_keras_model():
 def test_save_load_round_trip(tmp_path):
   x, y = data()
   model = tlm.MarginModel(
-      *functional(), margin_layers=["input", "fc"], layers_weights=[1.0, 3.0]
+      *functional(),
+      margin=tlm.LayerMargin(gamma=0.5, dist_norm="inf", aggregation=3),
+      margin_layers=["input", "fc"],
+      layers_weights=[1.0, 3.0],
   )
-  model.compile(
-      keras.optimizers.Adam(1e-2),
-      loss=tlm.LargeMarginLoss(gamma=0.5, cross_entropy_weight=1.0),
-      metrics=["accuracy"],
-  )
+  model.compile(keras.optimizers.Adam(1e-2), loss=cross_entropy(), metrics=["accuracy"])
   model.fit(x, y, epochs=1, verbose=0)
   path = str(tmp_path / "m.keras")
   model.save(path)
@@ -125,7 +129,9 @@ def test_save_load_round_trip(tmp_path):
   assert isinstance(loaded, tlm.MarginModel)
   assert loaded.margin_layers == ["input", "fc"]
   assert loaded.layers_weights == [1.0, 3.0]
-  assert loaded.margin_loss.get_config() == model.margin_loss.get_config()
+  assert isinstance(loaded.margin, tlm.LayerMargin)
+  assert loaded.margin.get_config() == model.margin.get_config()
+  assert loaded.margin.dist_norm == np.inf
   np.testing.assert_array_equal(
       loaded.predict(x, verbose=0), model.predict(x, verbose=0)
   )
@@ -148,8 +154,10 @@ def test_from_model_wraps_sequential_and_shares_layers():
           keras.layers.Dense(CLASSES, name="out"),
       ]
   )
-  model = tlm.MarginModel.from_model(sequential, margin_layers=["input", "h"])
-  model.compile(keras.optimizers.SGD(0.5), loss=tlm.LargeMarginLoss(gamma=1.0))
+  model = tlm.MarginModel.from_model(
+      sequential, margin_layers=["input", "h"], margin=tlm.LayerMargin(gamma=1.0)
+  )
+  model.compile(keras.optimizers.SGD(0.5), loss=None)
   before = sequential.get_weights()
   model.fit(x, y, epochs=1, verbose=0)
   after = sequential.get_weights()
@@ -163,7 +171,9 @@ class Endpoints(tlm.MarginTraining, keras.Model):
   """A subclassed model exposing its hidden activation through margin_endpoints."""
 
   def __init__(self, **kwargs):
-    super().__init__(margin_layers=["input", "hidden"], **kwargs)
+    super().__init__(
+        margin=tlm.LayerMargin(gamma=1.0), margin_layers=["input", "hidden"], **kwargs
+    )
     self.flatten = keras.layers.Flatten()
     self.hidden = keras.layers.Dense(5, activation="tanh")
     self.out = keras.layers.Dense(CLASSES)
@@ -179,7 +189,7 @@ class Endpoints(tlm.MarginTraining, keras.Model):
 def test_subclassed_model_trains_through_margin_endpoints():
   x, y = data()
   model = Endpoints()
-  model.compile(keras.optimizers.SGD(0.5), loss=tlm.LargeMarginLoss(gamma=1.0))
+  model.compile(keras.optimizers.SGD(0.5), loss=None)
   first = model.evaluate(x, y, verbose=0, return_dict=True)["margin"]
   model.fit(x, y, epochs=5, verbose=0)
   assert model.evaluate(x, y, verbose=0, return_dict=True)["margin"] < first
@@ -244,8 +254,10 @@ def test_layer_logits_do_not_depend_on_is_named():
   h = keras.layers.Dense(4, name="h")(inputs)
   blocked = keras.layers.Lambda(tf.stop_gradient, name="blocked")(h)
   logits = keras.layers.Dense(CLASSES)(blocked)
-  model = tlm.MarginModel(inputs, logits, margin_layers=["h"])
-  model.compile("sgd", loss=tlm.LargeMarginLoss())
+  model = tlm.MarginModel(
+      inputs, logits, margin=tlm.LayerMargin(), margin_layers=["h"]
+  )
+  model.compile("sgd", loss=None)
   with pytest.raises(ValueError, match=r"do not depend on layers_list\[0\].*\['h'\]"):
     model.train_on_batch(np.zeros((2, 4), "float32"), np.zeros(2))
 
@@ -257,11 +269,12 @@ def test_mixed_precision_is_finite_and_close_to_float32(policy):
   for name in ("float32", policy):
     keras.mixed_precision.set_dtype_policy(name)
     try:
-      model = tlm.MarginModel(*functional(), margin_layers=["input", "conv0", "fc"])
-      model.compile(
-          keras.optimizers.SGD(0.1),
-          loss=tlm.LargeMarginLoss(gamma=0.3, cross_entropy_weight=1.0),
+      model = tlm.MarginModel(
+          *functional(),
+          margin=tlm.LayerMargin(gamma=0.3),
+          margin_layers=["input", "conv0", "fc"],
       )
+      model.compile(keras.optimizers.SGD(0.1), loss=cross_entropy())
       results[name] = [model.train_on_batch(x, y, return_dict=True) for _ in range(3)]
       if name != "float32":
         assert model.compute_dtype == keras.mixed_precision.dtype_policy().compute_dtype
@@ -272,3 +285,118 @@ def test_mixed_precision_is_finite_and_close_to_float32(policy):
   for mixed, full in zip(results[policy], results["float32"]):
     assert np.isfinite(mixed["loss"]) and np.isfinite(mixed["margin"])
     np.testing.assert_allclose(mixed["loss"], full["loss"], rtol=0.05)
+
+
+def one_step(model, x, y, lr=0.1, loss=None, **compile_kwargs):
+  """The logs and the weights after one SGD step."""
+  model.compile(keras.optimizers.SGD(lr), loss=loss, **compile_kwargs)
+  logs = model.train_on_batch(x, y, return_dict=True)
+  return logs, model.get_weights()
+
+
+@pytest.mark.parametrize(
+    "structure", [lambda l: l, lambda l: [l], lambda l: {"logits": l}]
+)
+def test_compiled_loss_of_any_keras_structure_is_added(structure):
+  x, y = data()
+  results = []
+  for loss in (cross_entropy(), structure(cross_entropy())):
+    model = tlm.MarginModel(
+        *functional(), margin=tlm.LayerMargin(gamma=0.3), margin_layers=["fc"]
+    )
+    results.append(one_step(model, x, y, loss=loss, loss_weights=0.5))
+  (logs, weights), (logs_structured, weights_structured) = results
+  assert logs == logs_structured
+  for a, b in zip(weights, weights_structured):
+    np.testing.assert_array_equal(a, b)
+  alone, _ = one_step(
+      tlm.MarginModel(
+          *functional(), margin=tlm.LayerMargin(gamma=0.3), margin_layers=["fc"]
+      ),
+      x,
+      y,
+  )
+  assert logs["margin"] == alone["margin"]
+  assert logs["loss"] > alone["loss"]
+
+
+def test_compute_loss_without_activations_makes_its_own_forward_pass():
+  x, y = data()
+  model = tlm.MarginModel(
+      *functional(),
+      margin=tlm.LayerMargin(gamma=0.3, top_k=2),
+      margin_layers=["input", "conv0"],
+  )
+  model.compile("sgd", loss=cross_entropy())
+  total, _ = model.total_loss(x, y, training=False)
+  np.testing.assert_allclose(
+      model.compute_loss(x, y, model(x), training=False), total, rtol=1e-6
+  )
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        tlm.LargeMarginLoss(gamma=1.0),
+        [tlm.LargeMarginLoss(gamma=1.0)],
+        {"logits": tlm.LargeMarginLoss(gamma=1.0)},
+    ],
+)
+def test_large_margin_loss_without_a_margin_setting_is_an_error(loss):
+  """No silent fallback: the hidden-layer margin is the model's setting."""
+  model = tlm.MarginModel(*functional(), margin_layers=["input", "fc"])
+  with pytest.raises(ValueError, match=r"margin=None.*LargeMarginLoss.*LayerMargin"):
+    model.compile("sgd", loss=loss)
+
+
+def test_margin_must_be_a_layer_margin():
+  with pytest.raises(TypeError, match="margin must be a tf_large_margin.LayerMargin"):
+    tlm.MarginModel(*functional(), margin=tlm.LargeMarginLoss())
+
+
+def test_softmax_output_needs_from_logits_false():
+  with pytest.raises(ValueError, match="'probs' applies a softmax.*from_logits=False"):
+    tlm.MarginModel(*functional(softmax=True), margin=tlm.LayerMargin())
+
+
+def test_probabilities_model_gets_the_logits_models_margin():
+  """from_logits=False on a softmax output: the margin and the step of the same
+  network without its softmax (softmax(log p) = p)."""
+  x, y = data()
+  kwargs = dict(gamma=0.3, top_k=2, dist_norm="inf")
+  layers = ["input", "conv0", "fc"]
+  logits_model = tlm.MarginModel(
+      *functional(), margin=tlm.LayerMargin(**kwargs), margin_layers=layers
+  )
+  probs_model = tlm.MarginModel(
+      *functional(softmax=True),
+      margin=tlm.LayerMargin(from_logits=False, **kwargs),
+      margin_layers=layers,
+  )
+  (logs, weights), (probs_logs, probs_weights) = [
+      one_step(m, x, y) for m in (logits_model, probs_model)
+  ]
+  np.testing.assert_allclose(probs_logs["margin"], logs["margin"], rtol=1e-5)
+  np.testing.assert_allclose(probs_logs["loss"], logs["loss"], rtol=1e-5)
+  for a, b in zip(probs_weights, weights):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_dist_norm_inf_string_equals_np_inf():
+  x, y = data()
+  results = [
+      one_step(
+          tlm.MarginModel(
+              *functional(),
+              margin=tlm.LayerMargin(gamma=0.3, dist_norm=dist_norm),
+              margin_layers=["input", "fc"],
+          ),
+          x,
+          y,
+      )
+      for dist_norm in ("inf", np.inf, float("inf"))
+  ]
+  for logs, weights in results[1:]:
+    assert logs == results[0][0]
+    for a, b in zip(weights, results[0][1]):
+      np.testing.assert_array_equal(a, b)

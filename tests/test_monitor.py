@@ -32,10 +32,15 @@ def margin_model(seed=0):
   inputs = keras.Input((DIM,))
   hidden = keras.layers.Dense(16, activation="relu", name="hidden")(inputs)
   logits = keras.layers.Dense(CLASSES, name="logits")(hidden)
-  model = tlm.MarginModel(inputs, logits, margin_layers=LAYERS)
+  model = tlm.MarginModel(
+      inputs,
+      logits,
+      margin=tlm.LayerMargin(gamma=1.0, dist_norm=2),
+      margin_layers=LAYERS,
+  )
   model.compile(
       keras.optimizers.Adam(0.01),
-      loss=tlm.LargeMarginLoss(gamma=1.0, dist_norm=2, cross_entropy_weight=1.0),
+      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
       metrics=["accuracy"],
   )
   return model

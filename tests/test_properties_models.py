@@ -65,8 +65,8 @@ def test_margin_model_step_is_finite(dtype, data):
   options = data.draw(margin_options(classes))
   if dtype == "float16":
     options["use_approximation"] = True
+  cross_entropy_weight = data.draw(st.sampled_from([0.0, 1.0]))
   options.update(
-      cross_entropy_weight=data.draw(st.sampled_from([0.0, 1.0])),
       aggregation=data.draw(st.sampled_from(["mean", "min", 2])),
       correct_only=data.draw(st.booleans()),
   )
@@ -74,13 +74,22 @@ def test_margin_model_step_is_finite(dtype, data):
       dtype,
       params,
       tlm.MarginModel,
+      margin=tlm.LayerMargin(**options),
       margin_layers=layers,
       layers_weights=data.draw(st.sampled_from([None, "size"])),
   )
   x = model_inputs(dtype, x)
   hypothesis.assume(logits_in_range(model, x))
   with dtype_policy(POLICIES[dtype]):
-    model.compile(keras.optimizers.SGD(1e-3), loss=tlm.LargeMarginLoss(**options))
+    model.compile(
+        keras.optimizers.SGD(1e-3),
+        loss=(
+            keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+            if cross_entropy_weight
+            else None
+        ),
+        loss_weights=cross_entropy_weight or None,
+    )
   check_step(model, x, labels)
 
 
@@ -100,9 +109,15 @@ def test_mixed_float16_margin_model_gradient_overflows_on_zero_inputs():
       np.array([[1.0, -1.0, 0.5]] * HIDDEN),
       np.array([0.0, 0.5, -0.5]),
   )
-  model = build_network("float16", params, tlm.MarginModel, margin_layers=["input"])
+  model = build_network(
+      "float16",
+      params,
+      tlm.MarginModel,
+      margin=tlm.LayerMargin(gamma=1e30),
+      margin_layers=["input"],
+  )
   with dtype_policy("mixed_float16"):
-    model.compile(keras.optimizers.SGD(1e-3), loss=tlm.LargeMarginLoss(gamma=1e30))
+    model.compile(keras.optimizers.SGD(1e-3), loss=None)
   check_step(model, np.zeros((2, IN_DIM), "float32"), np.array([0, 1], np.int32))
 
 
@@ -148,11 +163,21 @@ def test_margin_model_with_float64_aggregation_and_epsilon_zero():
   )
   x, labels = np.full((3, IN_DIM), 0.5), np.array([0, 1, 1], np.int32)
   model = build_network(
-      "float64", params, tlm.MarginModel, margin_layers=["input", "h"]
+      "float64",
+      params,
+      tlm.MarginModel,
+      margin=tlm.LayerMargin(gamma=1.0, aggregation="min"),
+      margin_layers=["input", "h"],
   )
-  model.compile("sgd", loss=tlm.LargeMarginLoss(gamma=1.0, aggregation="min"))
+  model.compile("sgd", loss=None)
   check_step(model, x, labels)
-  model = build_network("float32", params, tlm.MarginModel, margin_layers=["input"])
-  model.compile("sgd", loss=tlm.LargeMarginLoss(epsilon=0.0))
+  model = build_network(
+      "float32",
+      params,
+      tlm.MarginModel,
+      margin=tlm.LayerMargin(epsilon=0.0),
+      margin_layers=["input"],
+  )
+  model.compile("sgd", loss=None)
   with pytest.raises(ValueError, match="epsilon must be > 0"):
     model.train_on_batch(x.astype("float32"), labels)

@@ -70,10 +70,12 @@ def test_margin_model_step_adds_the_decay():
   y = np.arange(8) % 3
   losses = []
   for rate in (0.0, RATE):
-    model = tlm.MarginModel.from_model(small_model(), margin_layers=["input", "fc"])
+    model = tlm.MarginModel.from_model(
+        small_model(), margin=tlm.LayerMargin(gamma=1.0), margin_layers=["input", "fc"]
+    )
     if rate:
       apply_weight_decay(model, rate)
-    model.compile(keras.optimizers.SGD(0.0), loss=tlm.LargeMarginLoss(gamma=1.0))
+    model.compile(keras.optimizers.SGD(0.0), loss=None)
     losses.append(model.train_on_batch(x, y, return_dict=True)["loss"])
   np.testing.assert_allclose(losses[1] - losses[0], decay_by_hand(model), rtol=1e-4)
 

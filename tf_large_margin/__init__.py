@@ -6,8 +6,10 @@ may refer to. Submodules, by concept:
 
 Training with the large-margin loss (Eq. 10)
   `margin_loss`       Eq. 10 as functions: `large_margin`, `margin_distances`
-  `losses`            `LargeMarginLoss`, Eq. 10 at the logits as a Keras loss
-  `models`            `MarginModel`: Eq. 10 at hidden layers in `fit`
+  `margin_penalty`    shrinkage (clip / identity) and batch aggregation of Eq. 10
+  `losses`            `LargeMarginLoss` (Eq. 10 at the logits, a Keras loss) and
+                      `LayerMargin` (Eq. 10 at a model's layers, a model setting)
+  `models`            `MarginModel`: Eq. 10 at the input and hidden layers in `fit`
   `jacobian`          `JacobianModel`: Sokolic et al.'s Jacobian regulariser
   `adversarial`       adversarial training (FGSM / iterative FGSM / PGD examples)
 Output-space margin losses
@@ -18,13 +20,16 @@ Output-space margin losses
   `schedules`, `callbacks`        `LambdaDecay` and the `LambdaScheduler` callback
 Measuring margins and robustness
   `margin_estimation` first-order, linearised and DeepFool margins; summaries
-  `certified`         certified margin lower bounds (interval and CROWN bounds)
-  `attacks`           FGSM, iterative FGSM, PGD (cross-entropy or logit-margin)
+  `certified`         certified margin lower bounds (interval and CROWN bounds),
+                      built on `bound_operations`, `bound_network`, `bound_propagation`
+  `attacks`           FGSM, iterative FGSM, PGD (cross-entropy or logit-margin);
+                      `norm_balls`: steepest ascent and projection in l_2 / l_inf balls
   `monitor`           `MarginMonitor`, a callback logging margin distributions
 Data, networks and the original recipe
-  `datasets`, `architectures`, `normalization` (TF1 batch norm), `optimizers`
-  (TF1 RMSProp), `regularizers` (TF1 weight decay), `original_recipe`
-  (the original MNIST training recipe), `distribute` (tf.distribute support)
+  `datasets` (file formats in `dataset_files`), `architectures`, `normalization`
+  (TF1 batch norm), `optimizers` (TF1 RMSProp), `regularizers` (TF1 weight decay),
+  `original_recipe` (the original MNIST training recipe); `compat` fences the few
+  Keras internals the package needs
 """
 
 from tf_large_margin import additive_margin_losses
@@ -34,13 +39,13 @@ from tf_large_margin import attacks
 from tf_large_margin import callbacks
 from tf_large_margin import certified
 from tf_large_margin import datasets
-from tf_large_margin import distribute
 from tf_large_margin import hinge_loss
 from tf_large_margin import jacobian
 from tf_large_margin import layers
 from tf_large_margin import losses
 from tf_large_margin import margin_estimation
 from tf_large_margin import margin_loss
+from tf_large_margin import margin_penalty
 from tf_large_margin import models
 from tf_large_margin import monitor
 from tf_large_margin import multiplicative_margin_losses
@@ -57,6 +62,7 @@ from tf_large_margin.hinge_loss import MulticlassHinge
 from tf_large_margin.jacobian import JacobianModel
 from tf_large_margin.layers import CosineHead
 from tf_large_margin.losses import LargeMarginLoss
+from tf_large_margin.losses import LayerMargin
 from tf_large_margin.margin_loss import large_margin
 from tf_large_margin.margin_loss import large_margin_per_example
 from tf_large_margin.margin_loss import margin_distances

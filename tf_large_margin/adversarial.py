@@ -5,8 +5,9 @@ versions of them crafted on the current model,
 
     ([x; x_adv], [y; y]),  x_adv = attack(model, x, y)  (no gradient through x_adv),
 
-so the compiled loss (cross-entropy, `LargeMarginLoss` at any `margin_layers`, ...) is
-the mean of its values on the clean and the adversarial examples: Goodfellow et al.'s
+so the loss (the compiled loss, and a `MarginModel`'s margin term at its
+``margin_layers``) is the mean of its values on the clean and the adversarial
+examples: Goodfellow et al.'s
 adversarial objective with alpha = 1/2 ("Explaining and Harnessing Adversarial
 Examples", ICLR 2015), with FGSM, iterative FGSM or PGD (Madry et al. 2018) as the
 attack. Elsayed et al. 2018 compare and combine the margin loss with it.
@@ -20,10 +21,8 @@ attack. Elsayed et al. 2018 compare and combine the margin loss with it.
 import keras
 import numpy as np
 import tensorflow as tf
-from keras.src.trainers.data_adapters.data_adapter_utils import (
-    unpack_x_y_sample_weight,
-)
 
+from tf_large_margin import argument_checks
 from tf_large_margin import attacks
 from tf_large_margin.models import INPUT
 from tf_large_margin.models import MarginModel
@@ -91,16 +90,16 @@ class AdversarialTraining:
     """Validates and sets the attack's settings (arguments as the class)."""
     if attack not in TRAINING_ATTACKS:
       raise ValueError(f"attack must be one of {TRAINING_ATTACKS}; got {attack!r}.")
-    epsilon = attacks.check_nonnegative("epsilon", epsilon)
+    epsilon = argument_checks.check_nonnegative("epsilon", epsilon)
     if epsilon == 0:
       raise ValueError("epsilon must be > 0 for adversarial training; got 0.")
     attacks.check_attack_norm(norm)
     if norm != np.inf and attack != "pgd":
       raise ValueError(f"{attack} is an l_inf attack; norm=2 needs attack='pgd'.")
-    steps = attacks.check_steps(steps)
+    steps = argument_checks.check_steps(steps)
     if step_size is not None:
-      step_size = attacks.check_nonnegative("step_size", step_size)
-    attacks.check_clip_range(clip_min, clip_max)
+      step_size = argument_checks.check_nonnegative("step_size", step_size)
+    argument_checks.check_clip_range(clip_min, clip_max)
     self.attack_config = dict(
         attack=attack,
         epsilon=epsilon,
@@ -151,7 +150,7 @@ class AdversarialTraining:
 
   def adversarial_batch(self, data):
     """``([x; x_adv], [y; y], [w; w])`` for a batch ``(x, y[, sample_weight w])``."""
-    x, y, sample_weight = unpack_x_y_sample_weight(data)
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     x_adv = tf.stop_gradient(self.adversarial_examples(x, y))
     if sample_weight is not None:
       sample_weight = tf.concat([sample_weight, sample_weight], axis=0)
@@ -170,27 +169,37 @@ class AdversarialTraining:
 class AdversarialMarginModel(AdversarialTraining, MarginModel):
   """`MarginModel` trained on clean and adversarial examples (see the module).
 
-  Compiled with a `LargeMarginLoss` it combines the margin loss with adversarial
-  training; with any other loss it is plain adversarial training.
+  With ``margin=LayerMargin(...)`` it combines the margin at ``margin_layers`` with
+  adversarial training; with ``margin=None`` it is plain adversarial training of
+  the compiled loss.
 
-  >>> model = AdversarialMarginModel(inputs, logits, margin_layers=["input"],
-  ...                                attack="pgd", epsilon=0.3, steps=10)
-  >>> model.compile("adam", loss=LargeMarginLoss(gamma=1., cross_entropy_weight=1.))
+  >>> inputs = keras.Input((784,))
+  >>> logits = keras.layers.Dense(10)(keras.layers.Dense(64, activation="relu")(inputs))
+  >>> model = AdversarialMarginModel(inputs, logits, margin=tlm.LayerMargin(gamma=1.),
+  ...                                margin_layers=["input"], attack="pgd",
+  ...                                epsilon=0.3, steps=10)
+  >>> model.compile("adam", loss=keras.losses.SparseCategoricalCrossentropy(
+  ...     from_logits=True))
 
   Args:
     attack, epsilon, norm, steps, step_size, clip_min, clip_max, seed: as
       `AdversarialTraining`.
-    margin_layers, layers_weights, *args, **kwargs: as `MarginModel`.
+    margin, margin_layers, layers_weights, *args, **kwargs: as `MarginModel`.
   """
 
   @classmethod
   def from_model(
-      cls, model, margin_layers=(INPUT,), layers_weights=None, **attack_kwargs
+      cls,
+      model,
+      margin_layers=(INPUT,),
+      layers_weights=None,
+      margin=None,
+      **attack_kwargs,
   ):
     """Wraps a functional or Sequential model (layers shared); ``attack_kwargs`` as
     `AdversarialTraining`."""
     wrapped = super().from_model(
-        model, margin_layers=margin_layers, layers_weights=layers_weights
+        model, margin_layers=margin_layers, layers_weights=layers_weights, margin=margin
     )
     wrapped.configure_attack(**attack_kwargs)
     return wrapped

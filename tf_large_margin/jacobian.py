@@ -18,14 +18,16 @@ norms use the subgradient 0 at 0 (`safe_norm`): an example whose feature Jacobia
 vanishes (a dead ReLU layer) adds 0 to the penalty and to its gradient, not NaN.
 """
 
+from typing import NamedTuple
+
 import keras
 import tensorflow as tf
-from keras.src.losses.loss import scale_loss_for_distribution
-from keras.src.losses.loss import unscale_loss_for_distribution
 
 from tf_large_margin.margin_loss import safe_norm
 from tf_large_margin.models import TotalLossStep
 from tf_large_margin.models import layer_outputs_model
+from tf_large_margin.models import scale_for_replicas
+from tf_large_margin.models import unscale_for_replicas
 
 VARIANTS = ("random", "all")
 
@@ -88,6 +90,16 @@ def jacobian_penalty(inputs, features, classifier_kernel, tape, class_indices=No
   return total
 
 
+class JacobianActivations(NamedTuple):
+  """What the penalty needs from the forward pass: the watched ``inputs``, the
+  ``features`` (float32 for half precision) and the persistent ``tape`` that
+  recorded them."""
+
+  inputs: tf.Tensor
+  features: tf.Tensor
+  tape: tf.GradientTape
+
+
 @keras.saving.register_keras_serializable(package="tf_large_margin")
 class JacobianModel(TotalLossStep, keras.Model):
   """A functional model trained with the Jacobian regulariser of Sokolic et al.
@@ -137,7 +149,7 @@ class JacobianModel(TotalLossStep, keras.Model):
     self.classifier_weight = float(classifier_weight)
     self.seed = seed
     self._seed_generator = keras.random.SeedGenerator(seed)
-    self._jacobian_tracker = keras.metrics.Mean(name="jacobian")
+    self.jacobian_tracker = keras.metrics.Mean(name="jacobian")
     if len(self.inputs) != 1:
       raise ValueError(f"JacobianModel needs one input; got {len(self.inputs)}.")
     endpoints = layer_outputs_model(self, [feature_layer])
@@ -160,8 +172,11 @@ class JacobianModel(TotalLossStep, keras.Model):
         [batch_size], 0, num_classes, seed=self._seed_generator, dtype="int32"
     )
 
-  def total_loss(self, x, y, sample_weight=None, training=False):
-    """Compiled loss + Jacobian penalty + classifier penalty, and the logits."""
+  def term_trackers(self):
+    return [self.jacobian_tracker]
+
+  def forward_pass(self, x, training=False):
+    """One forward pass: ``(logits, JacobianActivations)``."""
     x = tf.convert_to_tensor(x)
     with tf.GradientTape(persistent=True) as tape:
       tape.watch(x)
@@ -169,34 +184,49 @@ class JacobianModel(TotalLossStep, keras.Model):
       # Mixed precision: the cast is recorded, so the vector-Jacobian products of
       # the penalty start from float32 cotangents and reach x through it.
       features = tf.cast(features, working_dtype(features.dtype))
-    loss = self._compute_loss(
-        x=x, y=y, y_pred=logits, sample_weight=sample_weight, training=training
-    )
+    return logits, JacobianActivations(x, features, tape)
+
+  def compute_loss(
+      self,
+      x=None,
+      y=None,
+      y_pred=None,
+      sample_weight=None,
+      training=True,
+      activations=None,
+  ):
+    """Keras' loss (compiled loss and ``model.losses``) + Jacobian penalty +
+    classifier penalty; updates the ``jacobian`` tracker.
+
+    ``activations``: the `JacobianActivations` of the forward pass that gave
+    ``y_pred`` (the training step passes them); None: a forward pass on ``x``.
+    """
+    loss = self.keras_loss(x, y, y_pred, sample_weight, training=training)
+    if activations is None:
+      _, activations = self.forward_pass(x, training=training)
+    inputs, features, tape = activations
     kernel = self._classifier.kernel
-    batch_size = tf.shape(x)[0]
+    batch_size = tf.shape(inputs)[0]
     penalty = jacobian_penalty(
-        x,
+        inputs,
         features,
         kernel,
         tape,
         self._class_indices(batch_size, kernel.shape[-1]),
     )
     penalty = tf.cast(penalty, tf.float32)
-    penalty = scale_loss_for_distribution(
+    penalty = scale_for_replicas(
         self.jacobian_weight * penalty / tf.cast(batch_size, tf.float32)
     )
     total = tf.cast(loss, tf.float32) + penalty
     if self.classifier_weight:
-      total += scale_loss_for_distribution(
+      total += scale_for_replicas(
           self.classifier_weight * tf.reduce_sum(tf.square(tf.cast(kernel, tf.float32)))
       )
-    self._loss_tracker.update_state(
-        unscale_loss_for_distribution(total), sample_weight=batch_size
+    self.jacobian_tracker.update_state(
+        unscale_for_replicas(penalty), sample_weight=batch_size
     )
-    self._jacobian_tracker.update_state(
-        unscale_loss_for_distribution(penalty), sample_weight=batch_size
-    )
-    return total, logits
+    return total
 
   def get_config(self):
     config = super().get_config()

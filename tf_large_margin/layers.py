@@ -40,6 +40,7 @@ import numbers
 import keras
 from keras import ops
 
+from tf_large_margin import compat
 from tf_large_margin.labels import to_one_hot
 
 # Floor of the squared norms, so that the gradient of the norm stays finite at
@@ -143,7 +144,7 @@ class HeadOutputAccuracy(keras.metrics.MeanMetricWrapper):
 
   def __init__(self, name="accuracy", dtype=None):
     super().__init__(fn=head_output_accuracy, name=name, dtype=dtype)
-    self._direction = "up"
+    compat.set_metric_direction(self, "up")
 
   def get_config(self):
     return {"name": self.name, "dtype": self.dtype}

@@ -1,10 +1,12 @@
-"""The large-margin loss as a drop-in Keras loss."""
+"""Eq. 10 as Keras objects: `LargeMarginLoss` (a Keras loss: the margin at the
+logits) and `LayerMargin` (the margin a `tf_large_margin.MarginModel` enforces at its
+layers)."""
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from tf_large_margin import margin_loss
+from tf_large_margin import margin_penalty
 from tf_large_margin.labels import to_one_hot
 
 
@@ -13,12 +15,90 @@ def probabilities_to_logits(probs):
   return tf.math.log(tf.maximum(probs, keras.config.epsilon()))
 
 
-@keras.saving.register_keras_serializable(package="tf_large_margin")
-class LargeMarginLoss(keras.losses.Loss):
-  """Large-margin loss of Elsayed et al. 2018 (Eq. 10), plus optional cross-entropy.
+class MarginSettings:
+  """Eq. 10's hyper-parameters, shared by `LargeMarginLoss` and `LayerMargin`.
 
-  In ``model.compile(loss=LargeMarginLoss(...))`` of a plain Keras model the margin
-  is enforced in logit space: with p = softmax(logits),
+  ``set_margin_settings`` validates and stores them; the arguments are those of
+  `tf_large_margin.large_margin`, plus ``shrinkage``, ``aggregation`` and
+  ``correct_only`` (see `LargeMarginLoss`).
+  """
+
+  def set_margin_settings(
+      self,
+      gamma,
+      alpha_factor,
+      top_k,
+      dist_norm,
+      epsilon,
+      use_approximation,
+      worst_case_loss,
+      shrinkage,
+      aggregation,
+      correct_only,
+  ):
+    margin_loss.check_top_k(top_k)
+    if epsilon < 0:
+      raise ValueError(f"epsilon must be >= 0; got {epsilon}.")
+    self.gamma = float(gamma)
+    self.alpha_factor = float(alpha_factor)
+    self.top_k = int(top_k)
+    self.dist_norm = margin_loss.check_dist_norm(dist_norm)
+    self.epsilon = float(epsilon)
+    self.use_approximation = bool(use_approximation)
+    self.worst_case_loss = bool(worst_case_loss)
+    if isinstance(shrinkage, dict):
+      shrinkage = keras.saving.deserialize_keras_object(shrinkage)
+    margin_penalty.get_shrinkage(shrinkage)
+    margin_penalty.check_aggregation(aggregation)
+    self.shrinkage = shrinkage
+    self.aggregation = aggregation
+    self.correct_only = bool(correct_only)
+
+  @property
+  def margin_kwargs(self):
+    """The margin keyword arguments of `tf_large_margin.large_margin_per_example`."""
+    return dict(
+        gamma=self.gamma,
+        alpha_factor=self.alpha_factor,
+        top_k=self.top_k,
+        dist_norm=self.dist_norm,
+        epsilon=self.epsilon,
+        use_approximation=self.use_approximation,
+        worst_case_loss=self.worst_case_loss,
+        shrinkage=self.shrinkage,
+    )
+
+  def aggregated(self, margin_values, logits, one_hot):
+    """Per-example margin losses times the aggregation's weights.
+
+    All weights are 1 for the default mean over the batch; see
+    `tf_large_margin.margin_penalty.aggregation_weights`.
+    """
+    if self.aggregation == "mean" and not self.correct_only:
+      return margin_values
+    correct = None
+    if self.correct_only:
+      correct = tf.equal(tf.argmax(logits, axis=1), tf.argmax(one_hot, axis=1))
+    return margin_values * margin_penalty.aggregation_weights(
+        margin_values, correct, self.aggregation
+    )
+
+  def margin_config(self):
+    """The settings as config entries (a callable shrinkage serialised)."""
+    config = dict(
+        self.margin_kwargs, aggregation=self.aggregation, correct_only=self.correct_only
+    )
+    if callable(self.shrinkage):
+      config["shrinkage"] = keras.saving.serialize_keras_object(self.shrinkage)
+    return config
+
+
+@keras.saving.register_keras_serializable(package="tf_large_margin")
+class LargeMarginLoss(MarginSettings, keras.losses.Loss):
+  """Large-margin loss of Elsayed et al. 2018 (Eq. 10) at the logits, plus optional
+  cross-entropy: a Keras loss for any classifier.
+
+  With p = softmax(logits),
 
       d_j = (p_y - p_j) / (epsilon + || d(p_y - p_j) / d logits ||_q)
       loss = sum_j [relu(gamma - max(d_j, gamma (1 - alpha_factor))) - gamma]
@@ -26,9 +106,9 @@ class LargeMarginLoss(keras.losses.Loss):
 
   over the ``top_k`` most probable classes j != y (only the smallest d_j with
   ``worst_case_loss``), q the dual norm of ``dist_norm``. The gradient w.r.t. the
-  logits is analytic, so no tape is needed. Compiled into a
-  `tf_large_margin.MarginModel`, the same object carries the hyper-parameters and the
-  margin is enforced at the model's ``margin_layers`` (input, hidden layers) instead.
+  logits is analytic, so no tape is needed. The margin at the input or at hidden
+  layers is a setting of the model instead: `tf_large_margin.MarginModel` with
+  ``margin=tf_large_margin.LayerMargin(...)``.
 
   Example:
 
@@ -37,14 +117,15 @@ class LargeMarginLoss(keras.losses.Loss):
   ...                                           cross_entropy_weight=1.))
 
   Args:
-    gamma, alpha_factor, top_k, dist_norm, epsilon, use_approximation,
-    worst_case_loss: as `tf_large_margin.large_margin` (same defaults).
+    gamma, alpha_factor, top_k, epsilon, use_approximation, worst_case_loss: as
+      `tf_large_margin.large_margin` (same defaults).
+    dist_norm: 1, 2 or np.inf (also "inf").
     cross_entropy_weight: weight of the softmax cross-entropy added to the margin
       loss (0.0: pure margin loss, as the original MNIST configuration).
     from_logits: True (default): ``y_pred`` are logits. False: ``y_pred`` are
       probabilities (e.g. after a softmax layer); their logarithm is used as the
-      logits (softmax(log p) = p), so the margin is measured in log-probability
-      space.
+      logits (softmax(log p) = p), so the margin is the one of the logits the
+      softmax was applied to.
     shrinkage: how distances become losses (survey Eq. 6's r; loss = -r(d)):
       "clip" (the original, clip into [gamma (1 - alpha_factor), gamma]),
       "identity" or a callable r(distances, gamma, alpha_factor) (register it with
@@ -76,102 +157,164 @@ class LargeMarginLoss(keras.losses.Loss):
       dtype=None,
   ):
     super().__init__(name=name, reduction=reduction, dtype=dtype)
-    margin_loss.dual_norm(dist_norm)
-    margin_loss.check_top_k(top_k)
+    self.set_margin_settings(
+        gamma=gamma,
+        alpha_factor=alpha_factor,
+        top_k=top_k,
+        dist_norm=dist_norm,
+        epsilon=epsilon,
+        use_approximation=use_approximation,
+        worst_case_loss=worst_case_loss,
+        shrinkage=shrinkage,
+        aggregation=aggregation,
+        correct_only=correct_only,
+    )
     if cross_entropy_weight < 0:
       raise ValueError(
           f"cross_entropy_weight must be >= 0; got {cross_entropy_weight}."
       )
-    if epsilon < 0:
-      raise ValueError(f"epsilon must be >= 0; got {epsilon}.")
-    self.gamma = float(gamma)
-    self.alpha_factor = float(alpha_factor)
-    self.top_k = int(top_k)
-    self.dist_norm = float(dist_norm) if dist_norm == np.inf else int(dist_norm)
-    self.epsilon = float(epsilon)
-    self.use_approximation = bool(use_approximation)
-    self.worst_case_loss = bool(worst_case_loss)
     self.cross_entropy_weight = float(cross_entropy_weight)
     self.from_logits = bool(from_logits)
-    if isinstance(shrinkage, dict):
-      shrinkage = keras.saving.deserialize_keras_object(shrinkage)
-    margin_loss.get_shrinkage(shrinkage)
-    margin_loss.check_aggregation(aggregation)
-    self.shrinkage = shrinkage
-    self.aggregation = aggregation
-    self.correct_only = bool(correct_only)
-
-  @property
-  def margin_kwargs(self):
-    """The margin keyword arguments of `tf_large_margin.large_margin_per_example`."""
-    return dict(
-        gamma=self.gamma,
-        alpha_factor=self.alpha_factor,
-        top_k=self.top_k,
-        dist_norm=self.dist_norm,
-        epsilon=self.epsilon,
-        use_approximation=self.use_approximation,
-        worst_case_loss=self.worst_case_loss,
-        shrinkage=self.shrinkage,
-    )
 
   def logits_and_labels(self, y_true, y_pred):
     """``(logits, one_hot)`` from what Keras passes to the loss."""
     logits = y_pred if self.from_logits else probabilities_to_logits(y_pred)
     return logits, to_one_hot(y_true, logits.shape[-1], dtype=logits.dtype)
 
-  def per_example_parts(
-      self, one_hot, logits, layers_list=None, layers_weights=None, tape=None
-  ):
-    """``(margin, crossentropy)`` per example, both [batch].
-
-    The margin values carry the aggregation's per-example weights (all 1 for the
-    default mean over the batch).
-
-    With ``layers_list`` None the margin is taken at the logits (analytic
-    gradient); otherwise at the given layers, as `tf_large_margin.large_margin`
-    (``tape``: the tape that recorded ``logits`` from ``layers_list``).
-    """
-    if layers_list is None:
-      margin_values = margin_loss.logit_margin_per_example(
-          logits=logits, one_hot_labels=one_hot, **self.margin_kwargs
-      )
-    else:
-      margin_values = margin_loss.large_margin_per_example(
-          logits=logits,
-          one_hot_labels=one_hot,
-          layers_list=layers_list,
-          layers_weights=layers_weights,
-          tape=tape,
-          **self.margin_kwargs,
-      )
-    if self.aggregation != "mean" or self.correct_only:
-      correct = None
-      if self.correct_only:
-        correct = tf.equal(tf.argmax(logits, axis=1), tf.argmax(one_hot, axis=1))
-      margin_values *= margin_loss.aggregation_weights(
-          margin_values, correct, self.aggregation
-      )
+  def call(self, y_true, y_pred):
+    logits, one_hot = self.logits_and_labels(y_true, y_pred)
+    margin_values = self.aggregated(
+        margin_loss.logit_margin_per_example(
+            logits=logits, one_hot_labels=one_hot, **self.margin_kwargs
+        ),
+        logits,
+        one_hot,
+    )
     xent_values = tf.nn.softmax_cross_entropy_with_logits(
         labels=tf.cast(one_hot, margin_values.dtype),
         logits=tf.cast(logits, margin_values.dtype),
     )
-    return margin_values, xent_values
-
-  def call(self, y_true, y_pred):
-    logits, one_hot = self.logits_and_labels(y_true, y_pred)
-    margin_values, xent_values = self.per_example_parts(one_hot, logits)
     return margin_values + self.cross_entropy_weight * xent_values
 
   def get_config(self):
     config = super().get_config()
     config.update(
-        self.margin_kwargs,
+        self.margin_config(),
         cross_entropy_weight=self.cross_entropy_weight,
         from_logits=self.from_logits,
-        aggregation=self.aggregation,
-        correct_only=self.correct_only,
     )
-    if callable(self.shrinkage):
-      config["shrinkage"] = keras.saving.serialize_keras_object(self.shrinkage)
     return config
+
+
+class PerExampleValues(keras.losses.Loss):
+  """Keras' reduction of precomputed per-example values: ``call`` returns ``y_pred``.
+
+  Its ``__call__(values, values, sample_weight)`` weights, reduces and scales for
+  tf.distribute exactly as a compiled Keras loss would.
+  """
+
+  def call(self, y_true, y_pred):
+    del y_true
+    return y_pred
+
+
+@keras.saving.register_keras_serializable(package="tf_large_margin")
+class LayerMargin(MarginSettings):
+  """Eq. 10 at a model's layers: the setting ``margin=`` of `tf_large_margin.MarginModel`.
+
+  The model captures the activations h_l of its ``margin_layers`` in its forward
+  pass and adds to its compiled loss (and ``model.losses``) the term
+
+      mean_l margin(h_l)     (per example, as `tf_large_margin.large_margin_per_example`)
+
+  reduced over the batch with ``reduction`` and the sample weights, as a compiled
+  Keras loss is.
+
+  >>> inputs = keras.Input((28, 28, 1))
+  >>> h = keras.layers.Conv2D(8, 5, activation="relu", name="conv0")(inputs)
+  >>> logits = keras.layers.Dense(10)(keras.layers.Flatten()(h))
+  >>> margin = LayerMargin(gamma=1e4, alpha_factor=4., dist_norm="inf", epsilon=1e-6)
+  >>> model = tlm.MarginModel(inputs, logits, margin=margin,
+  ...                         margin_layers=["input", "conv0"])
+  >>> model.compile("rmsprop", loss=None)  # or a cross-entropy, loss_weights=...
+
+  Args:
+    gamma, alpha_factor, top_k, dist_norm, epsilon, use_approximation,
+    worst_case_loss, shrinkage, aggregation, correct_only: as `LargeMarginLoss`.
+    from_logits: True (default): the model outputs logits. False: it outputs
+      probabilities (a softmax) and log p is used as the logits (softmax(log p) =
+      p), so the margin equals the one of the model without its softmax. A
+      functional model whose output layer applies a softmax needs False.
+    reduction: as `keras.losses.Loss` but not None / "none" (the term is a scalar).
+  """
+
+  def __init__(
+      self,
+      gamma=10000.0,
+      alpha_factor=2.0,
+      top_k=1,
+      dist_norm=2,
+      epsilon=1e-8,
+      use_approximation=True,
+      worst_case_loss=True,
+      shrinkage="clip",
+      aggregation="mean",
+      correct_only=False,
+      from_logits=True,
+      reduction="sum_over_batch_size",
+  ):
+    self.set_margin_settings(
+        gamma=gamma,
+        alpha_factor=alpha_factor,
+        top_k=top_k,
+        dist_norm=dist_norm,
+        epsilon=epsilon,
+        use_approximation=use_approximation,
+        worst_case_loss=worst_case_loss,
+        shrinkage=shrinkage,
+        aggregation=aggregation,
+        correct_only=correct_only,
+    )
+    if reduction in (None, "none"):
+      raise ValueError(
+          "reduction must reduce the batch to a scalar (the margin term of the "
+          f"model's loss); got {reduction!r}."
+      )
+    self.from_logits = bool(from_logits)
+    self.reduction = reduction
+    self._reducer = PerExampleValues(reduction=reduction, name="margin")
+
+  def per_example(self, one_hot, logits, layers_list, layers_weights=None, tape=None):
+    """The [batch] margin losses at ``layers_list`` (mean over the layers), times
+    the aggregation's weights; ``tape`` recorded ``logits`` from ``layers_list``."""
+    return self.aggregated(
+        margin_loss.large_margin_per_example(
+            logits=logits,
+            one_hot_labels=one_hot,
+            layers_list=layers_list,
+            layers_weights=layers_weights,
+            tape=tape,
+            **self.margin_kwargs,
+        ),
+        logits,
+        one_hot,
+    )
+
+  def reduce(self, values, sample_weight=None):
+    """The per-example ``values`` reduced as a compiled Keras loss: weighted by
+    ``sample_weight``, reduced with ``reduction``, divided by the number of
+    tf.distribute replicas."""
+    return self._reducer(values, values, sample_weight=sample_weight)
+
+  def get_config(self):
+    return dict(
+        self.margin_config(), from_logits=self.from_logits, reduction=self.reduction
+    )
+
+  @classmethod
+  def from_config(cls, config):
+    return cls(**config)
+
+  def __repr__(self):
+    settings = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+    return f"LayerMargin({settings})"

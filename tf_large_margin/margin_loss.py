@@ -24,19 +24,39 @@ yields the gradients at *all* layers together; with ``use_approximation`` (the
 stop-gradient on the denominator) that pass is not recorded for differentiation.
 """
 
+import contextlib
+
 import numpy as np
 import tensorflow as tf
+
+from tf_large_margin import margin_penalty
 
 # Dual norm q of the distance norm p (1/p + 1/q = 1).
 DUAL_NORMS = {1: np.inf, 2: 2, np.inf: 1}
 
 
+def check_dist_norm(dist_norm):
+  """The distance norm as 1, 2 or np.inf; raises ValueError for anything else.
+
+  Accepts the numbers 1, 2 and infinity (np.inf, float("inf"), also as numpy
+  scalars) and the string "inf" (the example scripts' flag value). Every public
+  function and class taking ``dist_norm`` goes through this.
+  """
+  if isinstance(dist_norm, str) and dist_norm.strip().lower() == "inf":
+    return np.inf
+  if not isinstance(dist_norm, bool) and isinstance(
+      dist_norm, (int, float, np.integer, np.floating)
+  ):
+    if dist_norm == np.inf:
+      return np.inf
+    if dist_norm in (1, 2):
+      return int(dist_norm)
+  raise ValueError(f'dist_norm must be 1, 2 or np.inf (or "inf"); got {dist_norm!r}.')
+
+
 def dual_norm(dist_norm):
-  """Returns q, the dual of the distance norm ``dist_norm`` in {1, 2, inf}."""
-  try:
-    return DUAL_NORMS[dist_norm]
-  except (KeyError, TypeError):
-    raise ValueError(f"dist_norm must be 1, 2 or np.inf; got {dist_norm!r}.") from None
+  """Returns q, the dual of the distance norm ``dist_norm`` (`check_dist_norm`)."""
+  return DUAL_NORMS[check_dist_norm(dist_norm)]
 
 
 def flat_norm(x, ord):  # pylint: disable=redefined-builtin
@@ -123,127 +143,6 @@ def probability_difference_cotangents(probs, one_hot_labels, competitors):
         probs * v - probs * tf.reduce_sum(probs * v, axis=1, keepdims=True)
     )
   return cotangents
-
-
-def _maximum_with_relu(a, b):
-  """max(a, b) written as a + relu(b - a), with the original's gradient at a == b."""
-  return a + tf.nn.relu(b - a)
-
-
-def clip_shrinkage(distances, gamma, alpha_factor):
-  """The original's shrinkage r(d) = clip(d, gamma * (1 - alpha_factor), gamma).
-
-  Returned as the loss -r(d) = relu(gamma - max(d, gamma (1 - alpha))) - gamma,
-  written as the original does (the same value and gradient at the clip points).
-  """
-  lower = gamma * (1.0 - alpha_factor)
-  loss = _maximum_with_relu(distances, lower)
-  return -(_maximum_with_relu(0.0, gamma - loss) - gamma)
-
-
-def identity_shrinkage(distances, gamma, alpha_factor):
-  """r(d) = d: the distances themselves are maximised, unclipped."""
-  del gamma, alpha_factor
-  return distances
-
-
-SHRINKAGES = {"clip": clip_shrinkage, "identity": identity_shrinkage}
-
-
-def get_shrinkage(shrinkage):
-  """A shrinkage r(distances, gamma, alpha_factor) from its name or a callable."""
-  if callable(shrinkage):
-    return shrinkage
-  try:
-    return SHRINKAGES[shrinkage]
-  except (KeyError, TypeError):
-    raise ValueError(
-        f"shrinkage must be one of {sorted(SHRINKAGES)} or a callable "
-        f"r(distances, gamma, alpha_factor); got {shrinkage!r}."
-    ) from None
-
-
-def distance_loss(
-    distances, gamma=10000.0, alpha_factor=2.0, worst_case_loss=True, shrinkage="clip"
-):
-  """Per-example loss -sum_j r(d_j) of the distances; the original's by default.
-
-      loss = sum_j relu(gamma - max(d_j, gamma * (1 - alpha_factor))) - gamma
-
-  (r = clip into [gamma (1 - alpha_factor), gamma], survey Eq. 6's shrinkage).
-
-  Args:
-    distances: [batch, k] signed distances to the boundaries.
-    gamma: the desired margin.
-    alpha_factor: distances below gamma * (1 - alpha_factor) are clipped.
-    worst_case_loss: if True, only the smallest distance of each example counts.
-    shrinkage: "clip" (the original), "identity" or a callable
-      r(distances, gamma, alpha_factor) -> shrunk distances of the same shape.
-
-  Returns:
-    A [batch] tensor.
-  """
-  if worst_case_loss:
-    distances = tf.reduce_min(distances, axis=1, keepdims=True)
-  return -tf.reduce_sum(
-      get_shrinkage(shrinkage)(distances, gamma, alpha_factor), axis=1
-  )
-
-
-AGGREGATIONS = ("mean", "min")
-
-
-def check_aggregation(aggregation):
-  """Raises ValueError unless ``aggregation`` is "mean", "min" or an integer >= 1."""
-  if isinstance(aggregation, str):
-    valid = aggregation in AGGREGATIONS
-  else:
-    valid = (
-        isinstance(aggregation, (int, np.integer))
-        and not isinstance(aggregation, bool)
-        and aggregation >= 1
-    )
-  if not valid:
-    raise ValueError(
-        f"aggregation must be one of {AGGREGATIONS} or an integer >= 1; "
-        f"got {aggregation!r}."
-    )
-
-
-def aggregation_weights(per_example_loss, correct=None, aggregation="mean"):
-  """Per-example weights that turn the batch mean into another aggregation.
-
-  The batch mean of ``weights * per_example_loss`` is, per survey Eq. 6's choices
-  of how margins are aggregated over the set T of examples:
-    - "mean": the mean over T (the original, with T = the batch);
-    - "min": the loss at the smallest margin in T (the largest loss);
-    - an integer n: the mean over the n smallest margins in T (largest losses).
-  With ``correct`` (a [batch] bool mask), T is restricted to correctly classified
-  examples. The weights carry no gradient.
-  """
-  check_aggregation(aggregation)
-  per_example_loss = tf.stop_gradient(per_example_loss)
-  batch = tf.shape(per_example_loss)[0]
-  in_set = (
-      tf.ones_like(per_example_loss, tf.bool)
-      if correct is None
-      else tf.cast(correct, tf.bool)
-  )
-  if aggregation == "mean":
-    chosen = tf.cast(in_set, per_example_loss.dtype)
-  else:
-    count = 1 if aggregation == "min" else aggregation
-    count = tf.minimum(count, tf.reduce_sum(tf.cast(in_set, tf.int32)))
-    lowest = tf.constant(-np.inf, per_example_loss.dtype)  # float64 losses too
-    ranked = tf.where(
-        in_set, per_example_loss, tf.fill(tf.shape(per_example_loss), lowest)
-    )
-    _, top = tf.math.top_k(ranked, k=count)
-    chosen = tf.scatter_nd(
-        top[:, None], tf.ones([count], per_example_loss.dtype), [batch]
-    )
-  size = tf.reduce_sum(chosen)
-  return tf.math.divide_no_nan(chosen * tf.cast(batch, chosen.dtype), size)
 
 
 def check_top_k(top_k, num_classes=None):
@@ -341,14 +240,22 @@ def _distances(differences, gradients, dual, weight, epsilon, use_approximation)
 
 
 def _vector_jacobian_product(tape, target, sources, cotangent, record):
-  """Gradients of <target, cotangent> w.r.t. each source (None if unconnected)."""
+  """Gradients of <target, cotangent> w.r.t. each source (None if unconnected).
+
+  Unless ``record``, a tape still recording (called inside its ``with`` block)
+  does not record the backward pass: `tf.GradientTape.stop_recording` pauses it,
+  and raises (RuntimeError, ValueError in older TF) on a tape that is not
+  recording, which then has nothing to pause.
+  """
   if tape is None:
     return tf.gradients(target, sources, grad_ys=cotangent)
-  if not record and getattr(tape, "_recording", False):
-    # Private attribute (TF 2.x): stop_recording() raises on a non-recording tape.
-    with tape.stop_recording():
-      return tape.gradient(target, sources, output_gradients=cotangent)
-  return tape.gradient(target, sources, output_gradients=cotangent)
+  with contextlib.ExitStack() as stack:
+    if not record:
+      try:
+        stack.enter_context(tape.stop_recording())
+      except (RuntimeError, ValueError):
+        pass  # Not recording: nothing to pause.
+    return tape.gradient(target, sources, output_gradients=cotangent)
 
 
 def _describe(index, tensor):
@@ -378,8 +285,8 @@ def margin_distances(
     layers_list: tensors h_l that ``logits`` depends on (inputs, hidden activations
       or the logits themselves).
     top_k: number of competing classes, in [1, classes].
-    dist_norm: norm p of the distance, 1, 2 or np.inf (the gradient is measured in
-      its dual norm q).
+    dist_norm: norm p of the distance, 1, 2 or np.inf (or "inf"); the gradient is
+      measured in its dual norm q.
     epsilon: added to the gradient norm, >= 0 (with 0, the distance is +-inf where
       the gradient vanishes, and 0 there on the boundary p_y = p_(j)).
     use_approximation: stop the gradient through the norm (denominator).
@@ -405,29 +312,32 @@ def margin_distances(
         "In eager mode pass tape=: the tf.GradientTape that recorded logits "
         "from layers_list (tf.gradients needs a tf.function)."
     )
-  if tape is not None and top_k > 1 and getattr(tape, "_persistent", True) is False:
-    raise ValueError(
-        f"top_k={top_k} needs one gradient per class: pass a "
-        "tf.GradientTape(persistent=True)."
-    )
   dual = dual_norm(dist_norm)
 
   probs = tf.nn.softmax(tf.cast(logits, one_hot_labels.dtype))
-  differences, competitors = top_k_probability_differences(
-      probs, one_hot_labels, top_k
-  )
+  differences, competitors = top_k_probability_differences(probs, one_hot_labels, top_k)
   cotangents = probability_difference_cotangents(probs, one_hot_labels, competitors)
 
   # gradients[l][j]: grad_{h_l} (p_y - p_(j)), one backward pass per class j.
   gradients = [[] for _ in layers_list]
-  for cotangent in cotangents:
-    grads = _vector_jacobian_product(
-        tape,
-        logits,
-        layers_list,
-        tf.cast(cotangent, logits.dtype),
-        record=not use_approximation,
-    )
+  for j, cotangent in enumerate(cotangents):
+    try:
+      grads = _vector_jacobian_product(
+          tape,
+          logits,
+          layers_list,
+          tf.cast(cotangent, logits.dtype),
+          record=not use_approximation,
+      )
+    except RuntimeError as error:
+      # tf.GradientTape.gradient raises RuntimeError when a non-persistent tape is
+      # used a second time.
+      if tape is None or j == 0:
+        raise
+      raise ValueError(
+          f"top_k={top_k} needs one gradient per class: pass a "
+          "tf.GradientTape(persistent=True)."
+      ) from error
     for l, grad in enumerate(grads):
       if grad is None:
         raise ValueError(
@@ -462,7 +372,7 @@ def large_margin_per_example(
   """Eq. 10 per example, averaged over layers: a [batch] tensor.
 
   Its batch mean is `large_margin`; see there for the arguments, and
-  `distance_loss` for ``shrinkage``.
+  `margin_penalty.distance_loss` for ``shrinkage``.
   """
   check_epsilon(epsilon, positive=True)
   _, distances = margin_distances(
@@ -477,7 +387,7 @@ def large_margin_per_example(
       tape=tape,
   )
   losses = [
-      distance_loss(d, gamma, alpha_factor, worst_case_loss, shrinkage)
+      margin_penalty.distance_loss(d, gamma, alpha_factor, worst_case_loss, shrinkage)
       for d in distances
   ]
   return tf.add_n(losses) / len(losses)
@@ -530,7 +440,7 @@ def large_margin(
     alpha_factor: distances below gamma * (1 - alpha_factor) are clipped (no
       gradient).
     top_k: number of competing classes.
-    dist_norm: 1, 2 or np.inf.
+    dist_norm: 1, 2 or np.inf (or "inf", `check_dist_norm`).
     epsilon: added to the gradient norm, > 0 (ValueError for 0: `check_epsilon`).
     use_approximation: stop the gradient through the denominator.
     worst_case_loss: only the smallest distance over the top-k classes counts.
@@ -588,11 +498,11 @@ def logit_margin_per_example(
   _check_hyperparameters(top_k, logits.shape[1], dist_norm, 1, None)
   check_epsilon(epsilon, positive=True)
   probs = tf.nn.softmax(tf.cast(logits, one_hot_labels.dtype))
-  differences, competitors = top_k_probability_differences(
-      probs, one_hot_labels, top_k
-  )
+  differences, competitors = top_k_probability_differences(probs, one_hot_labels, top_k)
   cotangents = probability_difference_cotangents(probs, one_hot_labels, competitors)
   distances = _distances(
       differences, cotangents, dual_norm(dist_norm), 1.0, epsilon, use_approximation
   )
-  return distance_loss(distances, gamma, alpha_factor, worst_case_loss, shrinkage)
+  return margin_penalty.distance_loss(
+      distances, gamma, alpha_factor, worst_case_loss, shrinkage
+  )

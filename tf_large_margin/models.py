@@ -1,25 +1,57 @@
-"""`MarginModel`: a Keras model whose training step enforces the margin at hidden layers."""
+"""`MarginModel`: a Keras model that enforces the large margin at its layers (Eq. 10).
+
+The margin at the input and at hidden layers is a setting of the model: which
+activations its forward pass captures (``margin_layers``) and Eq. 10's
+hyper-parameters (``margin=LayerMargin(...)``). The model's `compute_loss` adds the
+margin term to Keras' compiled loss and ``model.losses``; its `train_step` records
+the forward pass on a persistent inner tape (the logits as a function of the
+activations, which the margin differentiates) inside the outer tape of the weights.
+"""
 
 import math
+from typing import NamedTuple
 
 import keras
 import tensorflow as tf
 
-# Keras' own loss reduction (sample weights, reductions, the 1/replicas scaling of
-# tf.distribute) so that the margin step reduces exactly as `model.compile` losses.
-from keras.src.losses.loss import reduce_weighted_values
-from keras.src.losses.loss import unscale_loss_for_distribution
-from keras.src.trainers.data_adapters.data_adapter_utils import (
-    unpack_x_y_sample_weight,
-)
-
-from tf_large_margin import distribute
+from tf_large_margin import compat
 from tf_large_margin import margin_loss
 from tf_large_margin.labels import to_one_hot
 from tf_large_margin.losses import LargeMarginLoss
+from tf_large_margin.losses import LayerMargin
+from tf_large_margin.losses import probabilities_to_logits
 
 INPUT = "input"
 SIZE = "size"
+
+
+def replicas():
+  """The number of replicas a global batch is split over (1 outside tf.distribute)."""
+  return tf.distribute.get_strategy().num_replicas_in_sync
+
+
+def scale_for_replicas(loss):
+  """``loss / replicas``, as Keras' losses are scaled: the gradients of the
+  replicas are summed."""
+  count = replicas()
+  return loss * tf.cast(1.0 / count, loss.dtype) if count > 1 else loss
+
+
+def unscale_for_replicas(loss):
+  """``loss * replicas``: a replica's loss on its own batch (what the trackers
+  average)."""
+  count = replicas()
+  return loss * tf.cast(count, loss.dtype) if count > 1 else loss
+
+
+def graph_config(model):
+  """The config of ``model``'s layer graph (a functional model on its inputs and
+  outputs), or None when a layer cannot give its config."""
+  try:
+    graph = keras.Model(model.inputs, model.outputs, name=f"{model.name}_graph")
+    return graph.get_config()
+  except (NotImplementedError, TypeError, ValueError):
+    return None
 
 
 def layer_outputs_model(model, names):
@@ -27,12 +59,17 @@ def layer_outputs_model(model, names):
   (the logits) followed by the outputs of the layers ``names``.
 
   Raises ValueError for several model outputs, an unknown name, a layer called
-  several times (ambiguous output) or a layer with several outputs.
+  several times in the model (ambiguous output; checked when the model's layers
+  give their configs) or a layer with several outputs.
   """
   if len(model.outputs) != 1:
     raise ValueError(
         f"The model needs one output (the logits); got {len(model.outputs)}."
     )
+  config = graph_config(model) if names else None
+  calls = {} if config is None else {
+      layer["name"]: len(layer["inbound_nodes"]) for layer in config["layers"]
+  }
   outputs = []
   for name in names:
     try:
@@ -42,7 +79,7 @@ def layer_outputs_model(model, names):
       raise ValueError(
           f"Unknown layer {name!r}: the model's layers are {known} (or 'input')."
       ) from None
-    if len(layer._inbound_nodes) != 1:  # pylint: disable=protected-access
+    if calls.get(name, 1) != 1:
       raise ValueError(
           f"Layer {name!r} is called several times in the model, so "
           "its output is ambiguous."
@@ -57,45 +94,124 @@ def layer_outputs_model(model, names):
   )
 
 
-class TotalLossStep(distribute.MultiWorkerFit):
-  """Mixin: Keras ``train_step`` / ``test_step`` around a model's own loss.
+def output_layer(model):
+  """The layer computing a functional ``model``'s single output (None if the
+  model's layers cannot give their configs)."""
+  config = graph_config(model)
+  if config is None:
+    return None
+  ((name, _, _),) = config["output_layers"]
+  return model.get_layer(name)
 
-  Subclasses implement ``total_loss(x, y, sample_weight, training)``, returning
-  ``(loss, logits)`` from one forward pass and updating their loss trackers; the
-  plain Keras steps run while ``has_total_loss()`` is False.
+
+def applies_softmax(layer):
+  """Whether ``layer``'s output is a softmax (a `Softmax` layer, or a softmax
+  activation as in ``Dense(..., activation="softmax")``)."""
+  return isinstance(layer, keras.layers.Softmax) or (
+      getattr(layer, "activation", None) is keras.activations.softmax
+  )
+
+
+class TotalLossStep(compat.MultiWorkerFit):
+  """Mixin: Keras' ``train_step`` / ``test_step`` for a loss term that needs what the
+  forward pass computed on the way (activations, the tape that recorded them).
+
+  Subclasses implement ``forward_pass(x, training)``, returning ``(y_pred,
+  activations)`` from one forward pass, and override the public ``compute_loss``
+  with a keyword ``activations`` (None: make its own forward pass) to add their
+  term to Keras' loss (`keras_loss`). The steps are those of Keras' TensorFlow
+  trainer, from public pieces: `keras.utils.unpack_x_y_sample_weight`, an outer
+  tape around `total_loss`, ``optimizer.scale_loss`` / ``apply``,
+  ``compute_metrics``; the ``loss`` tracker is the model's own. While
+  ``adds_loss_term()`` is False the plain Keras steps run.
   """
 
-  def has_total_loss(self):
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.loss_tracker = keras.metrics.Mean(name="loss")
+
+  def adds_loss_term(self):
     return True
 
-  def total_loss(self, x, y, sample_weight=None, training=False):
+  def term_trackers(self):
+    """The trackers of the added terms, logged after Keras' metrics."""
+    return []
+
+  def forward_pass(self, x, training=False):
     raise NotImplementedError
 
+  def keras_loss(self, x, y, y_pred, sample_weight=None, training=True):
+    """Keras' `compute_loss`: the compiled loss plus ``model.losses`` (0 when there
+    is neither, e.g. ``compile(loss=None)`` with the margin term alone)."""
+    if self.loss is None and not self.losses:
+      return tf.zeros((), keras.config.floatx())
+    return super().compute_loss(x, y, y_pred, sample_weight, training=training)
+
+  def total_loss(self, x, y, sample_weight=None, training=False):
+    """One forward pass and the step's loss: ``(loss, y_pred)``.
+
+    Also updates the loss trackers (``loss`` and the terms').
+    """
+    y_pred, activations = self.forward_pass(x, training=training)
+    loss = self.compute_loss(
+        x, y, y_pred, sample_weight, training=training, activations=activations
+    )
+    self.loss_tracker.update_state(
+        unscale_for_replicas(loss), sample_weight=tf.shape(tf.nest.flatten(x)[0])[0]
+    )
+    return loss, y_pred
+
+  @property
+  def metrics(self):
+    """Keras' metrics. With the added term, the model's ``loss`` tracker replaces
+    Keras' (which these steps do not update) and the terms' trackers follow;
+    without it, the model's trackers are left out."""
+    own = [self.loss_tracker] + self.term_trackers()
+    metrics = [m for m in super().metrics if not any(m is t for t in own)]
+    if not self.adds_loss_term():
+      return metrics
+    return [self.loss_tracker] + [m for m in metrics if m.name != "loss"] + own[1:]
+
   def train_step(self, data):
-    if not self.has_total_loss():
-      return distribute.logs_for_reduction(super().train_step(data))
-    x, y, sample_weight = unpack_x_y_sample_weight(data)
+    if not self.adds_loss_term():
+      return compat.logs_for_reduction(super().train_step(data))
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     with tf.GradientTape() as tape:
-      loss, logits = self.total_loss(x, y, sample_weight, training=True)
+      loss, y_pred = self.total_loss(x, y, sample_weight, training=True)
       scaled_loss = self.optimizer.scale_loss(loss)
     gradients = tape.gradient(scaled_loss, self.trainable_weights)
     self.optimizer.apply(gradients, self.trainable_weights)
-    return distribute.logs_for_reduction(
-        self.compute_metrics(x, y, logits, sample_weight)
+    return compat.logs_for_reduction(
+        self.compute_metrics(x, y, y_pred, sample_weight)
     )
 
   def test_step(self, data):
-    if not self.has_total_loss():
-      return distribute.logs_for_reduction(super().test_step(data))
-    x, y, sample_weight = unpack_x_y_sample_weight(data)
-    _, logits = self.total_loss(x, y, sample_weight, training=False)
-    return distribute.logs_for_reduction(
-        self.compute_metrics(x, y, logits, sample_weight)
+    if not self.adds_loss_term():
+      return compat.logs_for_reduction(super().test_step(data))
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    _, y_pred = self.total_loss(x, y, sample_weight, training=False)
+    return compat.logs_for_reduction(
+        self.compute_metrics(x, y, y_pred, sample_weight)
     )
 
 
+class MarginActivations(NamedTuple):
+  """What the margin term needs from the forward pass.
+
+  Attributes:
+    logits: the logits (log p for a probabilities output, ``from_logits=False``).
+    layers: the activations of ``margin_layers``, in that order (the input for
+      "input").
+    tape: the persistent tape that recorded ``logits`` from ``layers``.
+  """
+
+  logits: tf.Tensor
+  layers: list
+  tape: tf.GradientTape
+
+
 class MarginTraining(TotalLossStep):
-  """Mixin with the margin training step; see `MarginModel`.
+  """Mixin with the margin term and the training step; see `MarginModel`.
 
   For a subclassed model (no layer graph): ``class Net(MarginTraining,
   keras.Model)`` overriding `margin_endpoints(x, training)` to return ``(logits,
@@ -105,7 +221,14 @@ class MarginTraining(TotalLossStep):
   `keras.Model` subclass used functionally, as `MarginModel` is.)
   """
 
-  def __init__(self, *args, margin_layers=(INPUT,), layers_weights=None, **kwargs):
+  def __init__(
+      self,
+      *args,
+      margin=None,
+      margin_layers=(INPUT,),
+      layers_weights=None,
+      **kwargs,
+  ):
     super().__init__(*args, **kwargs)
     margin_layers = (
         [margin_layers] if isinstance(margin_layers, str) else list(margin_layers)
@@ -115,11 +238,19 @@ class MarginTraining(TotalLossStep):
     if layers_weights is not None and layers_weights != SIZE:
       layers_weights = [float(w) for w in layers_weights]
       margin_loss.check_layers_weights(layers_weights, len(margin_layers))
+    if isinstance(margin, dict):
+      margin = keras.saving.deserialize_keras_object(margin)
+    if margin is not None and not isinstance(margin, LayerMargin):
+      raise TypeError(
+          "margin must be a tf_large_margin.LayerMargin (or None: no margin term); "
+          f"got {type(margin).__name__}. LargeMarginLoss is the logit-space loss "
+          "for compile()."
+      )
+    self.margin = margin
     self.margin_layers = margin_layers
     self.layers_weights = layers_weights
-    self._margin_tracker = keras.metrics.Mean(name="margin")
-    self._xent_tracker = keras.metrics.Mean(name="xent")
-    if hasattr(self, "_nodes"):  # functional: resolve the names now.
+    self.margin_tracker = keras.metrics.Mean(name="margin")
+    if getattr(self, "inputs", None):  # A layer graph (functional): resolve now.
       self._build_endpoints()
 
   def _build_endpoints(self):
@@ -130,126 +261,174 @@ class MarginTraining(TotalLossStep):
       )
     names = [name for name in self.margin_layers if name != INPUT]
     object.__setattr__(self, "_endpoints", layer_outputs_model(self, names))
+    if self.margin is not None and self.margin.from_logits:
+      layer = output_layer(self)
+      if layer is not None and applies_softmax(layer):
+        raise ValueError(
+            f"The output layer {layer.name!r} applies a softmax: the model outputs "
+            "probabilities, but the margin has from_logits=True. Pass "
+            "LayerMargin(..., from_logits=False) (log p is then used as the "
+            "logits) or make the model output logits."
+        )
 
   def margin_endpoints(self, x, training=False):
-    """One forward pass: ``(logits, [outputs of the margin layers but "input"])``.
+    """One forward pass: ``(output, [outputs of the margin layers but "input"])``.
 
     Functional models get it from their layer graph; subclassed models override it.
     """
-    logits, *hidden = tf.nest.flatten(self._endpoints(x, training=training))
-    return logits, hidden
-
-  @property
-  def margin_loss(self):
-    """The compiled `LargeMarginLoss` (it switches on the margin step), or None."""
-    loss = getattr(self, "loss", None)
-    return loss if isinstance(loss, LargeMarginLoss) else None
+    output, *hidden = tf.nest.flatten(self._endpoints(x, training=training))
+    return output, hidden
 
   def _layers_weights(self, layers_list):
     if self.layers_weights == SIZE:
       return [float(math.prod(h.shape[1:])) for h in layers_list]
     return self.layers_weights
 
-  def has_total_loss(self):
-    return self.margin_loss is not None
+  def adds_loss_term(self):
+    return self.margin is not None
 
-  @property
-  def metrics(self):
-    """Keras' metrics, with ``margin`` and ``xent`` only under a margin loss."""
-    metrics = super().metrics
-    if self.has_total_loss():
-      return metrics
-    return [m for m in metrics if m not in (self._margin_tracker, self._xent_tracker)]
+  def term_trackers(self):
+    return [self.margin_tracker]
 
-  def total_loss(self, x, y, sample_weight=None, training=False):
-    """Total loss of one batch and its logits (the step's forward pass).
+  def compile(self, optimizer="rmsprop", loss=None, *args, **kwargs):
+    """`keras.Model.compile`; a `LargeMarginLoss` without ``margin`` is an error.
 
-    Returns ``(total, logits)``; also updates the ``loss``, ``margin`` and
-    ``xent`` trackers.
+    Without ``margin`` the model has no margin term, and a compiled
+    `LargeMarginLoss` would measure the margin at the logits only, whatever
+    ``margin_layers`` say.
     """
-    loss_fn = self.margin_loss
+    if self.margin is None and any(
+        isinstance(l, LargeMarginLoss) for l in tf.nest.flatten(loss)
+    ):
+      raise ValueError(
+          f"{type(self).__name__} has no margin setting (margin=None) but is "
+          "compiled with a LargeMarginLoss, which measures the margin at the "
+          f"logits only, not at margin_layers {self.margin_layers}. For the margin "
+          "at those layers pass margin=tf_large_margin.LayerMargin(...) to the "
+          "model (and compile with a cross-entropy, or loss=None); for the logit "
+          "margin alone compile a plain keras.Model."
+      )
+    super().compile(optimizer, loss, *args, **kwargs)
+
+  def compile_from_config(self, config):
+    """Keras' `compile_from_config` (the saved compile arguments, on loading),
+    through this class's `compile`; builds the optimizer of a built model."""
+    self.compile(**keras.saving.deserialize_keras_object(config))
+    if self.built:
+      self.optimizer.build(self.trainable_variables)
+
+  def forward_pass(self, x, training=False):
+    """One forward pass recorded for the margin: ``(y_pred, MarginActivations)``.
+
+    The persistent inner tape watches the input and records the logits (log p of
+    a probabilities output, ``margin.from_logits=False``) from the activations of
+    ``margin_layers``.
+    """
     x = tf.convert_to_tensor(x)
+    from_logits = self.margin is None or self.margin.from_logits
     with tf.GradientTape(persistent=True) as tape:
       tape.watch(x)
-      logits, hidden = self.margin_endpoints(x, training=training)
+      y_pred, hidden = self.margin_endpoints(x, training=training)
+      logits = y_pred if from_logits else probabilities_to_logits(y_pred)
     hidden = iter(hidden)
-    layers_list = [x if name == INPUT else next(hidden) for name in self.margin_layers]
+    layers = [x if name == INPUT else next(hidden) for name in self.margin_layers]
+    return y_pred, MarginActivations(logits, layers, tape)
+
+  def margin_term(self, y, activations, sample_weight=None):
+    """The margin term of the loss: ``margin`` at the margin layers, per example,
+    reduced as a compiled Keras loss (sample weights, reduction, tf.distribute
+    scaling). Updates the ``margin`` tracker."""
+    logits, layers, tape = activations
     one_hot = to_one_hot(y, logits.shape[-1])
     try:
-      margin_values, xent_values = loss_fn.per_example_parts(
-          one_hot,
-          logits,
-          layers_list=layers_list,
-          layers_weights=self._layers_weights(layers_list),
-          tape=tape,
+      values = self.margin.per_example(
+          one_hot, logits, layers, self._layers_weights(layers), tape
       )
     except ValueError as error:
       raise ValueError(
           f"{error} layers_list is the margin_layers {self.margin_layers}."
       ) from error
+    term = self.margin.reduce(values, sample_weight)
+    self.margin_tracker.update_state(
+        unscale_for_replicas(term), sample_weight=tf.shape(logits)[0]
+    )
+    return term
 
-    def reduce(values):
-      return reduce_weighted_values(
-          values,
-          sample_weight=sample_weight,
-          reduction=loss_fn.reduction,
-          dtype="float32",
-      )
+  def compute_loss(
+      self,
+      x=None,
+      y=None,
+      y_pred=None,
+      sample_weight=None,
+      training=True,
+      activations=None,
+  ):
+    """Keras' loss (compiled loss and ``model.losses``) plus the margin term.
 
-    margin_loss, xent_loss = reduce(margin_values), reduce(xent_values)
-    total = margin_loss + loss_fn.cross_entropy_weight * xent_loss
-    for extra in self.losses:
-      total += tf.cast(self._aggregate_additional_loss(extra), total.dtype)
-    batch_size = tf.shape(x)[0]
-    self._loss_tracker.update_state(
-        unscale_loss_for_distribution(total), sample_weight=batch_size
-    )
-    self._margin_tracker.update_state(
-        unscale_loss_for_distribution(margin_loss), sample_weight=batch_size
-    )
-    self._xent_tracker.update_state(
-        unscale_loss_for_distribution(xent_loss), sample_weight=batch_size
-    )
-    return total, logits
+    Args:
+      x, y, y_pred, sample_weight, training: as `keras.Model.compute_loss`.
+      activations: the `MarginActivations` of the forward pass that gave
+        ``y_pred`` (the training step passes them); None: the margin term makes
+        its own forward pass on ``x`` (as when Keras calls this method itself).
+    """
+    loss = self.keras_loss(x, y, y_pred, sample_weight, training=training)
+    if self.margin is None:
+      return loss
+    if activations is None:
+      _, activations = self.forward_pass(x, training=training)
+    term = self.margin_term(y, activations, sample_weight)
+    return term + tf.cast(loss, term.dtype)
 
   def get_config(self):
     config = super().get_config()
     config.update(
-        margin_layers=list(self.margin_layers), layers_weights=self.layers_weights
+        margin=(
+            None
+            if self.margin is None
+            else keras.saving.serialize_keras_object(self.margin)
+        ),
+        margin_layers=list(self.margin_layers),
+        layers_weights=self.layers_weights,
     )
     return config
 
 
 @keras.saving.register_keras_serializable(package="tf_large_margin")
 class MarginModel(MarginTraining, keras.Model):
-  """A Keras model trained with the large-margin loss at chosen layers (Eq. 10).
+  """A Keras model that enforces the large margin at chosen layers (Eq. 10).
 
-  Compile it with a `tf_large_margin.LargeMarginLoss`: its hyper-parameters reach the
-  training step, which makes one forward pass returning the logits and the
-  activations h_l of ``margin_layers``, and minimises
+  With ``margin=LayerMargin(...)``, one forward pass returns the output and the
+  activations h_l of ``margin_layers``, and the training step minimises
 
-      mean_l margin(h_l) + cross_entropy_weight * crossentropy + sum(model.losses)
+      compiled loss + sum(model.losses) + mean_l margin(h_l)
 
-  (margin as `tf_large_margin.large_margin`, per example, reduced with the loss's
-  Keras reduction and ``sample_weight``). The logs report ``loss``, ``margin`` and
-  ``xent`` besides the compiled metrics. Compiled with any other loss it trains as a
-  plain `keras.Model`.
+  (margin per example as `tf_large_margin.large_margin_per_example` with the
+  settings of ``margin``, reduced over the batch as a compiled Keras loss). The
+  compiled loss may be None (the margin alone, as the original MNIST recipe) or
+  any Keras loss, e.g. the cross-entropy with ``loss_weights``. The logs report
+  ``loss`` and ``margin`` besides the compiled metrics. With ``margin=None`` the
+  model trains as a plain `keras.Model`.
 
   Functional use:
 
   >>> inputs = keras.Input((28, 28, 1))
   >>> h = keras.layers.Conv2D(32, 5, name="conv0", activation="relu")(inputs)
   >>> logits = keras.layers.Dense(10)(keras.layers.Flatten()(h))
-  >>> model = MarginModel(inputs, logits, margin_layers=["input", "conv0"])
-  >>> model.compile("sgd", loss=LargeMarginLoss(gamma=1., cross_entropy_weight=1.))
+  >>> model = MarginModel(inputs, logits, margin=LayerMargin(gamma=1.),
+  ...                     margin_layers=["input", "conv0"])
+  >>> model.compile("sgd", loss=keras.losses.SparseCategoricalCrossentropy(
+  ...     from_logits=True))
 
   An existing functional or `Sequential` model: ``MarginModel.from_model(model,
-  margin_layers=[...])`` (the layers are shared, not copied).
+  margin_layers=[...], margin=...)`` (the layers are shared, not copied).
 
   A subclassed model (no layer graph) uses the `MarginTraining` mixin instead:
   ``class Net(MarginTraining, keras.Model)`` with `margin_endpoints` overridden.
 
   Args:
+    margin: a `tf_large_margin.LayerMargin` (Eq. 10's hyper-parameters, and
+      ``from_logits``: a softmax output needs False), or None for no margin term.
+      Compiling a `LargeMarginLoss` (the logit-space loss) without it is an error.
     margin_layers: names of layers whose outputs the margin is enforced at;
       "input" is the model's (single) input. Default: ["input"].
     layers_weights: None (all 1), "size" (each layer's number of elements per
@@ -259,7 +438,7 @@ class MarginModel(MarginTraining, keras.Model):
   """
 
   @classmethod
-  def from_model(cls, model, margin_layers=(INPUT,), layers_weights=None):
+  def from_model(cls, model, margin_layers=(INPUT,), layers_weights=None, margin=None):
     """Wraps a built functional or `Sequential` model, sharing its layers."""
     try:
       inputs, outputs = model.inputs, model.outputs
@@ -278,6 +457,7 @@ class MarginModel(MarginTraining, keras.Model):
     return cls(
         inputs=inputs,
         outputs=outputs[0],
+        margin=margin,
         margin_layers=margin_layers,
         layers_weights=layers_weights,
         name=model.name,

@@ -41,26 +41,18 @@ class RMSpropTF1(keras.optimizers.RMSprop):
         **kwargs
     )
 
-  def build(self, var_list):
-    """Creates the slots; the rms accumulators start at 1 (TF1), not at 0 (Keras).
+  def add_variable_from_reference(
+      self, reference_variable, name=None, initializer="zeros"
+  ):
+    """Keras' slot creation, with the rms accumulators ("velocity") starting at 1.
 
-    The slots are created with a ones initializer rather than assigned after
-    creation: `fit` builds the optimizer symbolically, where an assignment made
-    during the build does not persist.
+    `RMSprop.build` creates its slots through this public method, so the
+    accumulators are created with a ones initializer (TF1) rather than assigned
+    after creation: `fit` builds the optimizer symbolically, where an assignment
+    made during the build does not persist.
     """
-    if self.built:
-      return
-    # The base optimizer's build (iterations, learning rate), without RMSprop's
-    # zero-initialised slots.
-    super(keras.optimizers.RMSprop, self).build(var_list)
-    self._velocities = self.add_optimizer_variables(
-        var_list, "velocity", initializer="ones"
-    )
-    self._momentums = (
-        self.add_optimizer_variables(var_list, "momentum") if self.momentum > 0 else []
-    )
-    self._average_gradients = (
-        self.add_optimizer_variables(var_list, "average_gradient")
-        if self.centered
-        else []
+    if name == "velocity":
+      initializer = "ones"
+    return super().add_variable_from_reference(
+        reference_variable, name=name, initializer=initializer
     )

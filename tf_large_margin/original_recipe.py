@@ -4,8 +4,8 @@ The google-research `large_margin` MNIST configuration (`mnist_config.py`,
 `train.py`), setting for setting:
 
 - network: `architectures.mnist_cnn` (conv-ReLU-ReLU-maxpool-BN blocks);
-- loss: Eq. 10 alone (`LargeMarginLoss`, no cross-entropy), dist_norm inf at
-  [input, conv0, conv1] (the batch-norm outputs), gamma 1e4, alpha_factor 4,
+- loss: Eq. 10 alone (the model's `LayerMargin`, no compiled loss), dist_norm inf
+  at [input, conv0, conv1] (the batch-norm outputs), gamma 1e4, alpha_factor 4,
   top_k 1, epsilon 1e-6, layer weights = each layer's size, plus
   5e-4 * sum_v sum(v^2) / 2 over all trainable variables (`WeightDecay`);
 - optimizer: TF1 RMSProp (`RMSpropTF1`: rms slots start at 1), learning rate 0.1
@@ -25,7 +25,8 @@ import tensorflow as tf
 
 from tf_large_margin import architectures
 from tf_large_margin import margin_loss
-from tf_large_margin.losses import LargeMarginLoss
+from tf_large_margin import margin_penalty
+from tf_large_margin.losses import LayerMargin
 from tf_large_margin.models import MarginModel
 from tf_large_margin.optimizers import RMSpropTF1
 from tf_large_margin.regularizers import apply_weight_decay
@@ -57,9 +58,9 @@ TRAINABLE = tuple(
 )
 
 
-def loss():
-  """Eq. 10 with the original MNIST hyper-parameters (margin alone)."""
-  return LargeMarginLoss(
+def margin():
+  """Eq. 10 with the original MNIST hyper-parameters, the model's margin setting."""
+  return LayerMargin(
       gamma=1e4,
       alpha_factor=4.0,
       top_k=1,
@@ -67,7 +68,6 @@ def loss():
       epsilon=1e-6,
       use_approximation=True,
       worst_case_loss=True,
-      cross_entropy_weight=0.0,
   )
 
 
@@ -85,12 +85,16 @@ def optimizer(learning_rate=0.1):
 
 
 def compile_mnist(learning_rate=0.1, metrics=("accuracy",)):
-  """The original MNIST network and recipe: a compiled `MarginModel`."""
+  """The original MNIST network and recipe: a compiled `MarginModel` (the margin
+  term alone, no compiled loss)."""
   model = MarginModel.from_model(
-      architectures.mnist_cnn(), margin_layers=list(MARGIN_LAYERS), layers_weights="size"
+      architectures.mnist_cnn(),
+      margin_layers=list(MARGIN_LAYERS),
+      layers_weights="size",
+      margin=margin(),
   )
   apply_weight_decay(model, WEIGHT_DECAY)
-  model.compile(optimizer(learning_rate), loss=loss(), metrics=list(metrics))
+  model.compile(optimizer(learning_rate), loss=None, metrics=list(metrics))
   return model
 
 
@@ -165,7 +169,7 @@ def step_report(model, images, labels):
   saved = [np.asarray(v) for v in moving]
   x = tf.convert_to_tensor(images, tf.float32)
   y = tf.convert_to_tensor(labels)
-  loss_fn = model.loss
+  settings = model.margin
   with tf.GradientTape() as weights_tape:
     total, _ = model.total_loss(x, y, training=True)
   gradients = weights_tape.gradient(total, model.trainable_variables)
@@ -178,9 +182,9 @@ def step_report(model, images, labels):
       logits=logits,
       one_hot_labels=one_hot,
       layers_list=layers_list,
-      top_k=loss_fn.top_k,
-      dist_norm=loss_fn.dist_norm,
-      epsilon=loss_fn.epsilon,
+      top_k=settings.top_k,
+      dist_norm=settings.dist_norm,
+      epsilon=settings.epsilon,
       layers_weights=[float(np.prod(h.shape[1:])) for h in layers_list],
       tape=tape,
   )
@@ -188,7 +192,7 @@ def step_report(model, images, labels):
     variable.assign(value)
   per_layer = [
       tf.reduce_mean(
-          margin_loss.distance_loss(d, loss_fn.gamma, loss_fn.alpha_factor)
+          margin_penalty.distance_loss(d, settings.gamma, settings.alpha_factor)
       ).numpy()
       for d in distances
   ]

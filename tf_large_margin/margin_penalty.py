@@ -1,0 +1,136 @@
+"""How Eq. 10's distances become a loss, and how examples are weighted in the batch.
+
+Shrinkage (the survey of Guo & Zhang, Eq. 6, generalises the original's clipping):
+
+    clip:      loss_i = relu(gamma - max(d_i, gamma (1 - alpha_factor))) - gamma
+    identity:  loss_i = relu(gamma - d_i) - gamma
+
+`distance_loss` sums loss_i over the top-k competing classes (or takes the worst).
+Aggregation over the batch: "mean" (the original's), "min" (only the smallest-margin
+examples: an integer n keeps the n largest losses) and ``correct_only`` (only the
+correctly classified examples), as weights that `aggregation_weights` returns.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+
+def _maximum_with_relu(a, b):
+  """max(a, b) written as a + relu(b - a), with the original's gradient at a == b."""
+  return a + tf.nn.relu(b - a)
+
+
+def clip_shrinkage(distances, gamma, alpha_factor):
+  """The original's shrinkage r(d) = clip(d, gamma * (1 - alpha_factor), gamma).
+
+  Returned as the loss -r(d) = relu(gamma - max(d, gamma (1 - alpha))) - gamma,
+  written as the original does (the same value and gradient at the clip points).
+  """
+  lower = gamma * (1.0 - alpha_factor)
+  loss = _maximum_with_relu(distances, lower)
+  return -(_maximum_with_relu(0.0, gamma - loss) - gamma)
+
+
+def identity_shrinkage(distances, gamma, alpha_factor):
+  """r(d) = d: the distances themselves are maximised, unclipped."""
+  del gamma, alpha_factor
+  return distances
+
+
+SHRINKAGES = {"clip": clip_shrinkage, "identity": identity_shrinkage}
+
+
+def get_shrinkage(shrinkage):
+  """A shrinkage r(distances, gamma, alpha_factor) from its name or a callable."""
+  if callable(shrinkage):
+    return shrinkage
+  try:
+    return SHRINKAGES[shrinkage]
+  except (KeyError, TypeError):
+    raise ValueError(
+        f"shrinkage must be one of {sorted(SHRINKAGES)} or a callable "
+        f"r(distances, gamma, alpha_factor); got {shrinkage!r}."
+    ) from None
+
+
+def distance_loss(
+    distances, gamma=10000.0, alpha_factor=2.0, worst_case_loss=True, shrinkage="clip"
+):
+  """Per-example loss -sum_j r(d_j) of the distances; the original's by default.
+
+      loss = sum_j relu(gamma - max(d_j, gamma * (1 - alpha_factor))) - gamma
+
+  (r = clip into [gamma (1 - alpha_factor), gamma], survey Eq. 6's shrinkage).
+
+  Args:
+    distances: [batch, k] signed distances to the boundaries.
+    gamma: the desired margin.
+    alpha_factor: distances below gamma * (1 - alpha_factor) are clipped.
+    worst_case_loss: if True, only the smallest distance of each example counts.
+    shrinkage: "clip" (the original), "identity" or a callable
+      r(distances, gamma, alpha_factor) -> shrunk distances of the same shape.
+
+  Returns:
+    A [batch] tensor.
+  """
+  if worst_case_loss:
+    distances = tf.reduce_min(distances, axis=1, keepdims=True)
+  return -tf.reduce_sum(
+      get_shrinkage(shrinkage)(distances, gamma, alpha_factor), axis=1
+  )
+
+
+AGGREGATIONS = ("mean", "min")
+
+
+def check_aggregation(aggregation):
+  """Raises ValueError unless ``aggregation`` is "mean", "min" or an integer >= 1."""
+  if isinstance(aggregation, str):
+    valid = aggregation in AGGREGATIONS
+  else:
+    valid = (
+        isinstance(aggregation, (int, np.integer))
+        and not isinstance(aggregation, bool)
+        and aggregation >= 1
+    )
+  if not valid:
+    raise ValueError(
+        f"aggregation must be one of {AGGREGATIONS} or an integer >= 1; "
+        f"got {aggregation!r}."
+    )
+
+
+def aggregation_weights(per_example_loss, correct=None, aggregation="mean"):
+  """Per-example weights that turn the batch mean into another aggregation.
+
+  The batch mean of ``weights * per_example_loss`` is, per survey Eq. 6's choices
+  of how margins are aggregated over the set T of examples:
+    - "mean": the mean over T (the original, with T = the batch);
+    - "min": the loss at the smallest margin in T (the largest loss);
+    - an integer n: the mean over the n smallest margins in T (largest losses).
+  With ``correct`` (a [batch] bool mask), T is restricted to correctly classified
+  examples. The weights carry no gradient.
+  """
+  check_aggregation(aggregation)
+  per_example_loss = tf.stop_gradient(per_example_loss)
+  batch = tf.shape(per_example_loss)[0]
+  in_set = (
+      tf.ones_like(per_example_loss, tf.bool)
+      if correct is None
+      else tf.cast(correct, tf.bool)
+  )
+  if aggregation == "mean":
+    chosen = tf.cast(in_set, per_example_loss.dtype)
+  else:
+    count = 1 if aggregation == "min" else aggregation
+    count = tf.minimum(count, tf.reduce_sum(tf.cast(in_set, tf.int32)))
+    lowest = tf.constant(-np.inf, per_example_loss.dtype)  # float64 losses too
+    ranked = tf.where(
+        in_set, per_example_loss, tf.fill(tf.shape(per_example_loss), lowest)
+    )
+    _, top = tf.math.top_k(ranked, k=count)
+    chosen = tf.scatter_nd(
+        top[:, None], tf.ones([count], per_example_loss.dtype), [batch]
+    )
+  size = tf.reduce_sum(chosen)
+  return tf.math.divide_no_nan(chosen * tf.cast(batch, chosen.dtype), size)
