@@ -11,7 +11,7 @@ forward pass and one backward pass from the logits to the margin layers), from
 which "floor k" = xent + k * (that backward pass) is the least any formulation
 needing one gradient per competing class can cost.
 
-  python benchmarks/step_time.py [--batch_size=256] [--steps=10]
+  python benchmarks/step_time.py [--batch_size=256] [--steps=10] [--jit_compile]
 """
 
 import time
@@ -29,6 +29,9 @@ from tf_large_margin import margin_penalty
 
 flags.DEFINE_integer("batch_size", 256, "Batch size.")
 flags.DEFINE_integer("steps", 10, "Timed steps per variant (after 2 warm-up steps).")
+flags.DEFINE_boolean(
+    "jit_compile", False, "Compile every variant's step with XLA (jit_compile=True)."
+)
 FLAGS = flags.FLAGS
 
 MARGIN_LAYERS = ["input", "conv0", "conv1"]
@@ -146,7 +149,9 @@ def build(cls, margin):
       layers_weights="size",
   )
   loss = None if margin else "sparse_categorical_crossentropy"
-  model.compile(keras.optimizers.RMSprop(1e-3), loss=loss)
+  model.compile(
+      keras.optimizers.RMSprop(1e-3), loss=loss, jit_compile=FLAGS.jit_compile
+  )
   return model
 
 
@@ -173,7 +178,7 @@ def main(_):
   print(
       f"batch {FLAGS.batch_size}, {FLAGS.steps} steps, TF {tf.__version__}, "
       f"Keras {keras.__version__}, {len(tf.config.list_logical_devices('CPU'))} CPU "
-      "device(s)"
+      f"device(s), jit_compile={FLAGS.jit_compile}"
   )
   for name, seconds in times.items():
     print(
