@@ -76,8 +76,10 @@ def check_inference(training):
     )
 
 
-def check_epsilon(epsilon, batch):
-  """``epsilon`` (a scalar or [batch] radii, finite and >= 0) as a [batch] tensor."""
+def check_radii(epsilon, batch):
+  """``epsilon``, the radius of the input ball (a scalar or [batch] radii, finite and
+  >= 0), as a [batch] tensor. (Not the margin loss's epsilon, see
+  `margin_loss.check_epsilon`.)"""
   values = np.asarray(epsilon, np.float64)
   if values.shape not in ((), (batch,)):
     raise ValueError(
@@ -163,7 +165,7 @@ def _bounds(model, x, epsilon, norm, labels, method, clip_min, clip_max, trainin
   """Shared body of `interval_bounds` and `crown_bounds`."""
   check_norm(norm)
   net = Network(model, x, labels, training)
-  epsilon = check_epsilon(epsilon, net.x.shape[0])
+  epsilon = check_radii(epsilon, net.x.shape[0])
   clip_min, clip_max = check_clip(net.x, clip_min, clip_max)
   box = net.bounds(epsilon, norm, method, clip_min, clip_max, labels is not None)
   return box.lower.numpy(), box.upper.numpy()
@@ -276,7 +278,7 @@ def margin_lower_bound(
   check_norm(norm)
   check_method(method)
   net = Network(model, x, labels, training)
-  epsilon = check_epsilon(epsilon, net.x.shape[0])
+  epsilon = check_radii(epsilon, net.x.shape[0])
   clip_min, clip_max = check_clip(net.x, clip_min, clip_max)
   return net.worst_margin(epsilon, norm, method, clip_min, clip_max).numpy()
 
