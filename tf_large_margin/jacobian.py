@@ -23,6 +23,7 @@ from typing import NamedTuple
 import keras
 import tensorflow as tf
 
+from tf_large_margin.labels import working_dtype
 from tf_large_margin.margin_loss import safe_norm
 from tf_large_margin.models import TotalLossStep
 from tf_large_margin.models import layer_outputs_model
@@ -30,13 +31,6 @@ from tf_large_margin.models import scale_for_replicas
 from tf_large_margin.models import unscale_for_replicas
 
 VARIANTS = ("random", "all")
-
-
-def working_dtype(dtype):
-  """The dtype the penalty is computed in: float32 for float16, bfloat16 and float32
-  tensors, the tensors' own dtype otherwise (float64)."""
-  dtype = tf.as_dtype(dtype)
-  return tf.float32 if dtype.size < 4 else dtype
 
 
 def jacobian_penalty(inputs, features, classifier_kernel, tape, class_indices=None):

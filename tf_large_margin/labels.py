@@ -53,6 +53,14 @@ def to_one_hot(y_true, num_classes, rank=2, dtype="float32"):
     return tf.one_hot(labels, num_classes, dtype=dtype)
 
 
+def working_dtype(*values):
+  """The dtype the margin math runs in for tensors (or dtypes) ``values``: float64
+  if one of them is float64, float32 otherwise (float16, bfloat16 and float32 are
+  computed in float32, as under mixed precision)."""
+  dtypes = [tf.as_dtype(getattr(value, "dtype", value)) for value in values]
+  return tf.float64 if tf.float64 in dtypes else tf.float32
+
+
 def working_precision(y_pred):
   """``y_pred`` as a tensor, half precision (float16, bfloat16) widened to float32."""
   y_pred = ops.convert_to_tensor(y_pred)

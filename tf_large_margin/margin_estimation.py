@@ -60,6 +60,7 @@ from tf_large_margin import attacks
 from tf_large_margin import margin_loss
 from tf_large_margin import models
 from tf_large_margin import norm_balls
+from tf_large_margin.labels import working_dtype
 
 INPUT = models.INPUT
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
@@ -169,12 +170,6 @@ def first_order_margins(
 # ---------------------------------------------------------------------------
 # DeepFool
 # ---------------------------------------------------------------------------
-
-
-def working_dtype(*tensors):
-  """The dtype of the margin computations on ``tensors``: float64 if one of them is
-  float64, float32 otherwise (float16, bfloat16 and float32 are widened to it)."""
-  return tf.float64 if any(t.dtype == tf.float64 for t in tensors) else tf.float32
 
 
 # Machine epsilon of the float dtypes logits may have.

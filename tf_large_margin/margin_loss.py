@@ -30,6 +30,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_large_margin import margin_penalty
+from tf_large_margin.labels import working_dtype
 
 # Dual norm q of the distance norm p (1/p + 1/q = 1).
 DUAL_NORMS = {1: np.inf, 2: 2, np.inf: 1}
@@ -220,7 +221,7 @@ def _check_logits_and_labels(logits, one_hot_labels):
         f"logits and one_hot_labels must have the same shape; got {logits.shape} "
         f"and {one_hot_labels.shape}."
     )
-  math_dtype = tf.float32 if logits.dtype.size < 4 else logits.dtype
+  math_dtype = working_dtype(logits)
   return logits, tf.cast(one_hot_labels, math_dtype)
 
 
