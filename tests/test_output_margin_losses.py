@@ -337,24 +337,6 @@ def test_tiny_model_trains(name):
   assert after < 0.7 * before, (before, after)
 
 
-def test_hinge_with_cross_entropy_weight():
-  rng = np.random.default_rng(5)
-  y_pred = rng.normal(size=(6, 4)).astype("float32")
-  y_true = rng.integers(0, 4, size=6)
-  hinge = hinge_loss.MulticlassHinge(reduction=None)(y_true, y_pred).numpy()
-  xent = keras.losses.sparse_categorical_crossentropy(
-      y_true, y_pred, from_logits=True
-  ).numpy()
-  combined = hinge_loss.MulticlassHinge(cross_entropy_weight=0.3, reduction=None)
-  np.testing.assert_allclose(
-      combined(y_true, y_pred).numpy(), hinge + 0.3 * xent, rtol=1e-6
-  )
-  restored = keras.losses.deserialize(keras.losses.serialize(combined))
-  assert restored.cross_entropy_weight == 0.3
-  with pytest.raises(ValueError, match="cross_entropy_weight"):
-    hinge_loss.MulticlassHinge(cross_entropy_weight=-1.0)
-
-
 @pytest.mark.parametrize(
     "loss, reference",
     [
