@@ -25,6 +25,7 @@ import tensorflow as tf
 import tf_large_margin as tlm
 from tf_large_margin import architectures
 from tf_large_margin import margin_loss
+from tf_large_margin import margin_scores
 from tf_large_margin import margin_penalty
 
 flags.DEFINE_integer("batch_size", 256, "Batch size.")
@@ -51,7 +52,7 @@ def original_large_margin(
 ):
   """The original TF1 construction: tf.gradients per layer and per class."""
   probs = tf.nn.softmax(logits)
-  differences, _ = margin_loss.top_k_probability_differences(probs, one_hot_labels, top_k)
+  differences, _ = margin_scores.top_k_probability_differences(probs, one_hot_labels, top_k)
   dual = margin_loss.dual_norm(dist_norm)
   losses = []
   for weight, layer in zip(layers_weights, layers_list):

@@ -7,6 +7,7 @@ import tensorflow as tf
 
 import tf_large_margin as tlm
 from tf_large_margin import margin_loss
+from tf_large_margin import margin_scores
 
 rng = np.random.default_rng(0)
 LOGITS = rng.normal(size=(8, 5)).astype("float32") * 2
@@ -103,11 +104,26 @@ def test_compile_fit_save_load(tmp_path):
   )
 
 
-def test_serialization_round_trip():
-  loss = tlm.LargeMarginLoss(cross_entropy_weight=0.5, from_logits=False, **KWARGS)
+@pytest.mark.parametrize("score", ["probabilities", "logits"])
+def test_serialization_round_trip(score):
+  loss = tlm.LargeMarginLoss(
+      cross_entropy_weight=0.5, from_logits=False, score=score, **KWARGS
+  )
   restored = keras.losses.deserialize(keras.losses.serialize(loss))
   assert isinstance(restored, tlm.LargeMarginLoss)
   assert restored.get_config() == loss.get_config()
+  assert restored.score == score and restored.margin_kwargs["score"] == score
+
+
+def test_logit_score_changes_the_loss_value():
+  """The score reaches the computation: at saturated probabilities the two differ."""
+  logits = tf.constant([[9.0, 1.0, 0.0], [0.5, 0.0, 3.0]])
+  labels = tf.constant([0, 2])
+  values = [
+      float(tlm.LargeMarginLoss(gamma=100.0, dist_norm=2, score=s)(labels, logits))
+      for s in ("probabilities", "logits")
+  ]
+  assert abs(values[0] - values[1]) > 1e-3
 
 
 @pytest.mark.parametrize(
@@ -117,6 +133,7 @@ def test_serialization_round_trip():
         (dict(top_k=0), "top_k"),
         (dict(cross_entropy_weight=-1.0), "cross_entropy_weight"),
         (dict(epsilon=-1.0), "epsilon"),
+        (dict(score="logit"), "score must be one of"),
     ],
 )
 def test_bad_hyperparameters(kwargs, match):
@@ -171,10 +188,10 @@ class TestAggregation:
   def test_identity_shrinkage_is_minus_distance(self):
     z = tf.constant(LOGITS)
     probs = tf.nn.softmax(z)
-    diff, competitors = margin_loss.top_k_probability_differences(
+    diff, competitors = margin_scores.top_k_probability_differences(
         probs, tf.one_hot(LABELS, 5), 3
     )
-    grads = margin_loss.probability_difference_cotangents(
+    grads = margin_scores.probability_difference_cotangents(
         probs, tf.one_hot(LABELS, 5), competitors
     )
     norms = np.stack([np.abs(g.numpy()).max(axis=1) for g in grads], axis=1)  # linf
@@ -233,7 +250,8 @@ class TestLayerMargin:
 
   def test_settings_and_serialisation(self):
     margin = tlm.LayerMargin(
-        gamma=2.0, dist_norm="inf", shrinkage=half_distance, from_logits=False
+        gamma=2.0, dist_norm="inf", shrinkage=half_distance, from_logits=False,
+        score="logits",
     )
     restored = keras.saving.deserialize_keras_object(
         keras.saving.serialize_keras_object(margin)
@@ -241,8 +259,11 @@ class TestLayerMargin:
     assert isinstance(restored, tlm.LayerMargin)
     assert restored.shrinkage is half_distance
     assert restored.get_config() == margin.get_config()
-    loss = tlm.LargeMarginLoss(gamma=2.0, dist_norm=np.inf, shrinkage=half_distance)
+    loss = tlm.LargeMarginLoss(
+        gamma=2.0, dist_norm=np.inf, shrinkage=half_distance, score="logits"
+    )
     assert margin.margin_kwargs == loss.margin_kwargs
+    assert restored.score == "logits"
 
   def test_reduce_is_keras_reduction(self):
     values = np.linspace(-1.0, 1.0, 8).astype("float32")

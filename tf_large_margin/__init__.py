@@ -6,6 +6,7 @@ may refer to. Submodules, by concept:
 
 Training with the large-margin loss (Eq. 10)
   `margin_loss`       Eq. 10 as functions: `large_margin`, `margin_distances`
+  `margin_scores`     Eq. 10's numerators: probability (paper) or logit differences
   `margin_penalty`    shrinkage (clip / identity) and batch aggregation of Eq. 10
   `losses`            `LargeMarginLoss` (Eq. 10 at the logits, a Keras loss) and
                       `LayerMargin` (Eq. 10 at a model's layers, a model setting)
@@ -46,6 +47,7 @@ from tf_large_margin import losses
 from tf_large_margin import margin_estimation
 from tf_large_margin import margin_loss
 from tf_large_margin import margin_penalty
+from tf_large_margin import margin_scores
 from tf_large_margin import models
 from tf_large_margin import monitor
 from tf_large_margin import multiplicative_margin_losses

@@ -7,6 +7,7 @@ import tensorflow as tf
 
 from tf_large_margin import margin_loss
 from tf_large_margin import margin_penalty
+from tf_large_margin import margin_scores
 from tf_large_margin.labels import to_one_hot
 
 
@@ -35,6 +36,7 @@ class MarginSettings:
       shrinkage,
       aggregation,
       correct_only,
+      score="probabilities",
   ):
     margin_loss.check_top_k(top_k)
     if epsilon < 0:
@@ -53,6 +55,7 @@ class MarginSettings:
     self.shrinkage = shrinkage
     self.aggregation = aggregation
     self.correct_only = bool(correct_only)
+    self.score = margin_scores.check_score(score)
 
   @property
   def margin_kwargs(self):
@@ -66,6 +69,7 @@ class MarginSettings:
         use_approximation=self.use_approximation,
         worst_case_loss=self.worst_case_loss,
         shrinkage=self.shrinkage,
+        score=self.score,
     )
 
   def aggregated(self, margin_values, logits, one_hot):
@@ -133,6 +137,8 @@ class LargeMarginLoss(MarginSettings, keras.losses.Loss):
     aggregation: over the batch, "mean" (the original), "min" (the smallest
       margin) or an integer n (the mean over the n smallest margins).
     correct_only: aggregate over correctly classified examples only.
+    score: "probabilities" (default, the paper): p_y - p_j as above; "logits":
+      z_y - z_j in numerator and gradient (`tf_large_margin.margin_scores`).
     reduction, name, dtype: as `keras.losses.Loss`.
 
   Labels may be integers ([batch] or [batch, 1]) or one-hot ([batch, classes]).
@@ -152,6 +158,7 @@ class LargeMarginLoss(MarginSettings, keras.losses.Loss):
       shrinkage="clip",
       aggregation="mean",
       correct_only=False,
+      score="probabilities",
       reduction="sum_over_batch_size",
       name="large_margin_loss",
       dtype=None,
@@ -168,6 +175,7 @@ class LargeMarginLoss(MarginSettings, keras.losses.Loss):
         shrinkage=shrinkage,
         aggregation=aggregation,
         correct_only=correct_only,
+        score=score,
     )
     if cross_entropy_weight < 0:
       raise ValueError(
@@ -246,6 +254,9 @@ class LayerMargin(MarginSettings):
       p), so the margin equals the one of the model without its softmax. A
       functional model whose output layer applies a softmax needs False.
     reduction: as `keras.losses.Loss` but not None / "none" (the term is a scalar).
+    score: "probabilities" (default, the paper and the original) or "logits": Eq.
+      10 on z_y - z_j, whose distance does not explode when the softmax saturates
+      (`tf_large_margin.margin_scores`).
   """
 
   def __init__(
@@ -262,6 +273,7 @@ class LayerMargin(MarginSettings):
       correct_only=False,
       from_logits=True,
       reduction="sum_over_batch_size",
+      score="probabilities",
   ):
     self.set_margin_settings(
         gamma=gamma,
@@ -274,6 +286,7 @@ class LayerMargin(MarginSettings):
         shrinkage=shrinkage,
         aggregation=aggregation,
         correct_only=correct_only,
+        score=score,
     )
     if reduction in (None, "none"):
       raise ValueError(

@@ -22,6 +22,10 @@ logits with the cotangent c_i = d(p_y - p_i)/d logits, which is analytic (softma
 Jacobian: J v = p * v - p (p . v)). One backward pass per competing class therefore
 yields the gradients at *all* layers together; with ``use_approximation`` (the
 stop-gradient on the denominator) that pass is not recorded for differentiation.
+
+Beyond the paper, ``score="logits"`` measures the same first-order distance on the
+logits z instead of the probabilities, d_i = (z_y - z_i) / (epsilon +
+|| grad_h z_y - grad_h z_i ||_q) (`tf_large_margin.margin_scores`).
 """
 
 import contextlib
@@ -30,6 +34,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_large_margin import margin_penalty
+from tf_large_margin import margin_scores
 from tf_large_margin.labels import working_dtype
 
 # Dual norm q of the distance norm p (1/p + 1/q = 1).
@@ -91,59 +96,6 @@ def safe_norm(x, axis, keepdims=False):
   positive = squares > 0
   root = tf.sqrt(tf.where(positive, squares, tf.ones_like(squares)))
   return tf.where(positive, root, tf.zeros_like(squares))
-
-
-def top_k_probability_differences(probs, one_hot_labels, top_k):
-  """p_y - p_(j) for the k most probable other classes, and who the competitors are.
-
-  As the original: the other classes' probabilities are ``p * (1 - one_hot)``;
-  for ``top_k`` = 1 the competitor is their ``reduce_max``, for ``top_k`` > 1 the
-  columns of ``tf.math.top_k``. The returned competitor weights w_j are what the
-  derivative of p_(j) w.r.t. those masked probabilities is in TensorFlow:
-
-  - top_k = 1: the max's gradient is shared equally by tied entries,
-    w = [p_i (1 - y_i) == max] / (number of tied entries) (with all other
-    probabilities 0, the label's own masked 0 counts as tied, as in TF);
-  - top_k > 1: one-hot of the j-th index (ties: lowest index first).
-
-  Args:
-    probs: [batch, classes] softmax probabilities.
-    one_hot_labels: [batch, classes] one-hot labels (same dtype as ``probs``).
-    top_k: number of competing classes.
-
-  Returns:
-    ``(differences, competitors)``: [batch, top_k] p_y - p_(j), and [batch, top_k,
-    classes] weights w_j with p_(j) = sum_i w_j,i p_i (1 - y_i).
-  """
-  correct_prob = tf.reduce_sum(probs * one_hot_labels, axis=1, keepdims=True)
-  other_probs = probs * (1.0 - one_hot_labels)
-  if top_k == 1:
-    top_probs = tf.reduce_max(other_probs, axis=1, keepdims=True)
-    tied = tf.cast(tf.equal(other_probs, top_probs), probs.dtype)
-    competitors = (tied / tf.reduce_sum(tied, axis=1, keepdims=True))[:, None, :]
-  else:
-    top_probs, indices = tf.math.top_k(other_probs, k=top_k)
-    competitors = tf.one_hot(indices, tf.shape(probs)[1], dtype=probs.dtype)
-  return correct_prob - top_probs, competitors
-
-
-def probability_difference_cotangents(probs, one_hot_labels, competitors):
-  """d(p_y - p_(j)) / d logits for each competitor j.
-
-  With p_y = sum(p * one_hot) and p_(j) = sum_i w_j,i p_i (1 - y_i) (the weights of
-  `top_k_probability_differences`), the derivative w.r.t. the logits is J v_j with
-  J = diag(p) - p p^T the softmax Jacobian and v_j = one_hot - w_j * (1 - one_hot).
-
-  Returns:
-    A list of ``competitors.shape[1]`` tensors of shape [batch, classes].
-  """
-  cotangents = []
-  for j in range(competitors.shape[1]):
-    v = one_hot_labels - competitors[:, j] * (1.0 - one_hot_labels)
-    cotangents.append(
-        probs * v - probs * tf.reduce_sum(probs * v, axis=1, keepdims=True)
-    )
-  return cotangents
 
 
 def check_top_k(top_k, num_classes=None):
@@ -275,6 +227,7 @@ def margin_distances(
     use_approximation=True,
     layers_weights=None,
     tape=None,
+    score="probabilities",
 ):
   """First-order signed distances to the top-k decision boundaries at each layer.
 
@@ -296,6 +249,8 @@ def margin_distances(
     tape: in eager mode, a `tf.GradientTape` that recorded ``logits`` from
       ``layers_list`` (persistent if top_k > 1, since it is used once per class).
       In a `tf.function` it may be None (`tf.gradients` is used).
+    score: "probabilities" (default, the paper): p_y - p_(j) as above; "logits":
+      z_y - z_(j) in numerator and gradient (`tf_large_margin.margin_scores`).
 
   Returns:
     ``(differences, distances)``: the [batch, top_k] probability margins
@@ -315,9 +270,9 @@ def margin_distances(
     )
   dual = dual_norm(dist_norm)
 
-  probs = tf.nn.softmax(tf.cast(logits, one_hot_labels.dtype))
-  differences, competitors = top_k_probability_differences(probs, one_hot_labels, top_k)
-  cotangents = probability_difference_cotangents(probs, one_hot_labels, competitors)
+  differences, cotangents = margin_scores.score_differences(
+      logits, one_hot_labels, top_k, score
+  )
 
   # gradients[l][j]: grad_{h_l} (p_y - p_(j)), one backward pass per class j.
   gradients = [[] for _ in layers_list]
@@ -369,6 +324,7 @@ def large_margin_per_example(
     layers_weights=None,
     tape=None,
     shrinkage="clip",
+    score="probabilities",
 ):
   """Eq. 10 per example, averaged over layers: a [batch] tensor.
 
@@ -386,6 +342,7 @@ def large_margin_per_example(
       use_approximation=use_approximation,
       layers_weights=layers_weights,
       tape=tape,
+      score=score,
   )
   losses = [
       margin_penalty.distance_loss(d, gamma, alpha_factor, worst_case_loss, shrinkage)
@@ -408,6 +365,7 @@ def large_margin(
     worst_case_loss=True,
     layers_weights=None,
     tape=None,
+    score="probabilities",
 ):
   """The large-margin loss of Elsayed et al. 2018 (Eq. 10), as the original code.
 
@@ -450,6 +408,8 @@ def large_margin(
       (persistent if top_k > 1). When the loss is differentiated through
       the norm (``use_approximation=False``), the caller differentiates the loss
       with an outer tape, or with this one if it is persistent and still recording.
+    score: "probabilities" (the paper) or "logits" (z_y - z_j replaces p_y - p_j
+      in the distance; `tf_large_margin.margin_scores`).
 
   Returns:
     A scalar (float32 for half-precision logits, the logits' dtype otherwise).
@@ -472,6 +432,7 @@ def large_margin(
           worst_case_loss=worst_case_loss,
           layers_weights=layers_weights,
           tape=tape,
+          score=score,
       )
   )
 
@@ -488,6 +449,7 @@ def logit_margin_per_example(
     use_approximation=True,
     worst_case_loss=True,
     shrinkage="clip",
+    score="probabilities",
 ):
   """Eq. 10 at the logits only, per example, with no tape: a [batch] tensor.
 
@@ -498,9 +460,9 @@ def logit_margin_per_example(
   logits, one_hot_labels = _check_logits_and_labels(logits, one_hot_labels)
   _check_hyperparameters(top_k, logits.shape[1], dist_norm, 1, None)
   check_epsilon(epsilon, positive=True)
-  probs = tf.nn.softmax(tf.cast(logits, one_hot_labels.dtype))
-  differences, competitors = top_k_probability_differences(probs, one_hot_labels, top_k)
-  cotangents = probability_difference_cotangents(probs, one_hot_labels, competitors)
+  differences, cotangents = margin_scores.score_differences(
+      logits, one_hot_labels, top_k, score
+  )
   distances = _distances(
       differences, cotangents, dual_norm(dist_norm), 1.0, epsilon, use_approximation
   )
