@@ -281,3 +281,63 @@ class TestErrors:
     margin_monitor = monitor.MarginMonitor(self.x, self.y, layers=["nope"])
     with pytest.raises(ValueError, match="Unknown layer 'nope'"):
       fit(model, [margin_monitor], epochs=1)
+
+
+def activity_model(gamma, score="probabilities"):
+  model = margin_model()
+  model.margin = tlm.LayerMargin(gamma=gamma, dist_norm=2, alpha_factor=2.0, score=score)
+  return model
+
+
+def input_distances_by_hand(model, x, y, score):
+  """Eq. 10 at the input, top_k=1, example by example with its own tape."""
+  distances = []
+  for xi, yi in zip(x, y):
+    xi = tf.constant(xi[None])
+    with tf.GradientTape() as tape:
+      tape.watch(xi)
+      logits = model(xi, training=False)
+      values = tf.nn.softmax(logits) if score == "probabilities" else logits
+      others = tf.tensor_scatter_nd_update(values[0], [[yi]], [-np.inf])
+      j = int(tf.argmax(others))
+      gap = values[0, yi] - values[0, j]
+    grad = tape.gradient(gap, xi).numpy().ravel()
+    distances.append(float(gap) / (1e-6 + np.linalg.norm(grad, 2)))
+  return np.array(distances)
+
+
+@pytest.mark.parametrize("score", ["probabilities", "logits"])
+def test_layer_distances_at_the_input_match_a_per_example_loop(score):
+  model = activity_model(1.0, score)
+  model.margin_layers = ["input"]
+  x, y = separable_data(12, seed=2)
+  (distances,) = model.layer_distances(x, y)
+  np.testing.assert_allclose(
+      distances.numpy()[:, 0], input_distances_by_hand(model, x, y, score), rtol=1e-4
+  )
+
+
+def test_margin_activity_logs_the_active_fraction_of_the_layer_distances():
+  x, y = separable_data(40, seed=3)
+  model = activity_model(gamma=1.0)
+  activity = monitor.MarginActivity(x, y, num_examples=30, batch_size=7)
+  activity.set_model(model)
+  logs = {}
+  activity.on_epoch_end(0, logs)
+  assert set(logs) == {f"{k}/{n}" for n in LAYERS for k in ("margin_active", "margin_distance_median")}
+  for name, d in zip(LAYERS, model.layer_distances(x[:30], y[:30])):
+    d = d.numpy().min(axis=1)
+    inside = (d > 1.0 * (1 - 2.0)) & (d < 1.0)
+    assert logs[f"margin_active/{name}"] == pytest.approx(inside.mean())
+    assert logs[f"margin_distance_median/{name}"] == pytest.approx(np.median(d), rel=1e-6)
+  # A gamma far beyond every distance: the hinge binds everywhere above the clip.
+  model.margin = tlm.LayerMargin(gamma=1e9, dist_norm=2, alpha_factor=2.0)
+  assert activity.measure()["margin_active/input"] == 1.0
+
+
+def test_margin_activity_in_fit_history():
+  x, y = separable_data(64, seed=4)
+  model = activity_model(gamma=1.0)
+  history = fit(model, [monitor.MarginActivity(x, y, num_examples=64)], epochs=2)
+  assert len(history.history["margin_active/hidden"]) == 2
+  assert all(0.0 <= v <= 1.0 for v in history.history["margin_active/input"])

@@ -80,6 +80,37 @@ def distance_loss(
   )
 
 
+def active_fraction(distances, gamma, alpha_factor, worst_case_loss=True):
+  """The fraction of examples whose clipped margin loss has a gradient.
+
+  With the clip shrinkage, loss_j = relu(gamma - max(d_j, gamma (1 - alpha_factor)))
+  - gamma depends on d_j only inside the open interval
+
+      gamma (1 - alpha_factor) < d_j < gamma:
+
+  above it the margin is already met, below it the example is clipped. A margin term
+  active on 0 % of the examples does nothing.
+
+  Args:
+    distances: [batch, k] distances (e.g. `tf_large_margin.margin_distances`).
+    gamma, alpha_factor, worst_case_loss: as `distance_loss`. With the worst case an
+      example is active when its smallest distance is inside; otherwise when any
+      of its k distances is.
+
+  Returns:
+    A scalar in [0, 1] (float32; 0 for an empty batch).
+  """
+  distances = tf.convert_to_tensor(distances)
+  if worst_case_loss:
+    distances = tf.reduce_min(distances, axis=1, keepdims=True)
+  lower = gamma * (1.0 - alpha_factor)
+  inside = tf.reduce_any((distances > lower) & (distances < gamma), axis=1)
+  return tf.math.divide_no_nan(
+      tf.reduce_sum(tf.cast(inside, tf.float32)),
+      tf.cast(tf.shape(distances)[0], tf.float32),
+  )
+
+
 AGGREGATIONS = ("mean", "min")
 
 

@@ -354,6 +354,32 @@ class MarginTraining(TotalLossStep):
     )
     return term
 
+  def layer_distances(self, x, y):
+    """Eq. 10's distances at each margin layer, as the margin term sees them.
+
+    One inference-mode forward pass (``training=False``) on ``x``; the distances use
+    the settings of ``margin`` (top_k, dist_norm, epsilon, score) and the layer
+    weights of the model.
+
+    Returns:
+      A list with one [batch, top_k] tensor per name of ``margin_layers``.
+    """
+    if self.margin is None:
+      raise ValueError(f"{type(self).__name__} has no margin setting (margin=None).")
+    _, (logits, layers, tape) = self.forward_pass(x, training=False)
+    _, distances = margin_loss.margin_distances(
+        logits=logits,
+        one_hot_labels=to_one_hot(y, logits.shape[-1]),
+        layers_list=layers,
+        top_k=self.margin.top_k,
+        dist_norm=self.margin.dist_norm,
+        epsilon=self.margin.epsilon,
+        layers_weights=self._layers_weights(layers),
+        tape=tape,
+        score=self.margin.score,
+    )
+    return distances
+
   def compute_loss(
       self,
       x=None,

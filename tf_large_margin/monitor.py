@@ -41,6 +41,7 @@ import tensorflow as tf
 from tf_large_margin import argument_checks
 from tf_large_margin import margin_loss
 from tf_large_margin import margin_estimation
+from tf_large_margin import margin_penalty
 
 MEDIAN = "margin_median"
 P10 = "margin_p10"
@@ -362,3 +363,58 @@ class MarginMonitor(keras.callbacks.Callback):
     if self._writer is not None:
       self._writer.close()
       self._writer = None
+
+
+ACTIVE = "margin_active"
+DISTANCE_MEDIAN = "margin_distance_median"
+
+
+class MarginActivity(keras.callbacks.Callback):
+  """Logs, per margin layer of a `MarginModel`, how much of its margin term binds.
+
+  After every epoch, on a fixed subset of (typically training) examples, it
+  computes the distances d_l the margin term sees (`MarginModel.layer_distances`:
+  the model's score, norm, epsilon and layer weights) and adds to the epoch
+  ``logs``, for each margin layer l,
+
+      margin_active/<l>           fraction of examples with
+                                  gamma (1 - alpha_factor) < d_l < gamma
+                                  (`margin_penalty.active_fraction`),
+      margin_distance_median/<l>  median over examples of the smallest d_l,
+
+  so that `keras.callbacks.CSVLogger` placed after it records them. A layer
+  active on 0 % of the examples contributes no gradient.
+
+  Args:
+    x, y: inputs and integer (or one-hot) labels; the first ``num_examples`` are used.
+    num_examples, batch_size: subset size and examples per forward pass, >= 1.
+  """
+
+  def __init__(self, x, y, num_examples=1000, batch_size=250):
+    super().__init__()
+    num_examples = check_positive_int("num_examples", num_examples)
+    self.x, self.labels = validation_subset(x, y, num_examples)
+    self.batch_size = check_positive_int("batch_size", batch_size)
+
+  def measure(self):
+    """{key: value} of the current weights (the keys listed in the class doc)."""
+    margin = self.model.margin
+    distances = [[] for _ in self.model.margin_layers]
+    for x, labels in batches(self.x, self.labels, self.batch_size):
+      for l, d in enumerate(self.model.layer_distances(x, labels)):
+        distances[l].append(d)
+    values = {}
+    for name, parts in zip(self.model.margin_layers, distances):
+      d = tf.concat(parts, axis=0)
+      fraction = margin_penalty.active_fraction(
+          d, margin.gamma, margin.alpha_factor, margin.worst_case_loss
+      )
+      values[f"{ACTIVE}/{name}"] = float(fraction)
+      values[f"{DISTANCE_MEDIAN}/{name}"] = float(
+          np.median(tf.reduce_min(d, axis=1).numpy())
+      )
+    return values
+
+  def on_epoch_end(self, epoch, logs=None):
+    if logs is not None:
+      logs.update(self.measure())
