@@ -27,7 +27,7 @@ setuptools.setup(
         "tensorboard>=2.20",  # the example scripts' TensorBoard logs
     ],
     extras_require={
-        # The example scripts' plots (evaluate.py, reproduce_mnist.py).
+        # The example scripts' plots (evaluate.py, paper_report.py).
         "examples": ["matplotlib>=3.8"],
         # hypothesis: the randomized property tests (tests/test_properties.py).
         "test": ["pytest>=8", "matplotlib>=3.8", "hypothesis>=6.100"],

@@ -132,6 +132,12 @@ class RunConfig:
       math.inf, "Norm of the distances: 1, 2 or inf.", kind="norm"
   )
   margin_epsilon: float = _setting(1e-6, "Epsilon added to the gradient norms.")
+  margin_score: str = _setting(
+      "probabilities",
+      "Score of Eq. 10's distance: softmax probabilities (the paper) or logits "
+      "(z_y - z_j; does not explode when the softmax saturates).",
+      choices=("probabilities", "logits"),
+  )
   margin_layers: typing.Tuple[str, ...] = _setting(
       ("input", "conv0", "conv1"),
       "Layers the margin is enforced at: layer names and/or 'input', or 'all'.",

@@ -1,30 +1,49 @@
-r"""The paper's MNIST sweeps at a chosen budget: noisy labels and small training sets.
+r"""The paper's MNIST experiments (Elsayed et al. 2018, Sec. 4.2), cell by cell.
 
-  python examples/reproduce_mnist.py --data_source=/path/to/mnist_idx_dir \
-      --out_dir=/tmp/reproduce_mnist
+  python examples/reproduce_mnist.py --task=limited_data --points=68,550 \
+      --methods=xent,hinge,margin_input,margin_all --seeds=0,1,2 \
+      --data_source=/path/to/mnist_idx_dir --out_dir=results/paper
+  python examples/paper_report.py --out_dir=results/paper      # tables, figures
 
-Every point is one `examples/mnist.py` run (paper CNN, Adam, margin runs add the
-cross-entropy with --xent_weight, as the paper's margin models) on a 55k/5k
-train/validation split of the training set; the reported number is the clean
-test accuracy of the checkpoint with the best validation accuracy (model
-selection, as the paper). With noisy labels the validation labels are noisy too:
-selection uses only what a practitioner has.
+A *cell* is one training run: (task, method, point, seed, gamma). The task says
+what a point is: ``limited_data`` a class-balanced training subset of that many
+examples, ``noisy_labels`` that fraction of wrong training (and validation) labels.
+Every cell runs `examples/mnist.py` once, on `architectures.mnist_cnn` (the
+original network), with 5,000 of the 60,000 training images held out for
+validation (the paper's 55k / 5k split; the subset is drawn from the 55k), and is
+scored by the test accuracy of its best-on-validation checkpoint (validation every
+--steps_per_loop steps). The seed fixes the split, the subset, the flipped labels,
+the initialisation and the data order, so within a seed every method sees the same
+data. Each finished cell appends one JSON line to ``<out_dir>/cells.jsonl`` (its
+settings, accuracies and, for margin methods, the per-layer fraction of examples on
+which the margin term is active, `tf_large_margin.monitor.MarginActivity`);
+`paper_report.py` makes every table and figure from that file.
 
-1. search: for each distance norm, the margin runs at --search_noise with each
-   (gamma, alpha_factor) of --search_grid; the pair with the best validation
-   accuracy is used for every later margin run of that norm. Gamma is in the units
-   of the input (images in [0, 1]), where the margin is enforced. alpha_factor 1
-   clips the loss of misclassified examples (d < 0) to a constant: wrongly
-   labelled examples then give no gradient.
-2. (a) noisy labels: xent and the margin with each norm at each --noise_fractions.
-3. (b) training-set size: xent and the margin with --size_norm at each
-   --train_sizes (class-balanced subsets; the full 55k is the 0 % noise point).
+Methods (`METHODS`), as the paper's Sec. 4.2:
+  xent, hinge        cross-entropy / multi-class hinge; SGD with momentum 0.9.
+  margin_input       Eq. 10 at the input + cross-entropy (--xent_weight).
+  margin_all         Eq. 10 at input, conv0, conv1, fc0 and the logits, the same
+                     gamma for every layer (per-layer units: "size" weights).
+  margin_all_logits  margin_all with Eq. 10 on the logits (``score="logits"``).
+  xent_rmsprop       cross-entropy with the margin methods' optimizer (a control:
+                     margin vs xent_rmsprop is the margin term's own effect).
+  <margin>_k9        the same with all 9 other classes (top_k 9, the paper's
+                     setting; the released config has 1).
+  <margin>_l2        the same with l2 distances (the paper's noisy-label models).
+  Margin methods use TF1 RMSProp without momentum (mnist.py's recipe).
+  All: weight decay 5e-4, learning rate x0.1 at 50 % and 75 % of the steps.
 
-Writes <out_dir>/results.md (tables) and <out_dir>/results.png (plots); runs that
-finished (runs/<name>/results.json) are reused, so an interrupted sweep continues.
+Gamma search: a margin cell with several --gammas first runs every gamma at
+--search_seed; the gamma with the best validation accuracy is then used for the
+other seeds (a cell of another seed waits for its search to finish).
+
+Several drivers may run at once on the same --out_dir (e.g. one per core, each with
+--threads=1): a cell is claimed by a file in its run directory, and a claim whose
+process died is taken over (the run resumes from its checkpoint).
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -36,257 +55,318 @@ from absl import logging
 
 import config as config_lib
 
-# The mnist.py settings shared by every run of the sweep (flags of this script).
-SHARED = dict(
-    data_source="embedded",
-    train_steps=500,
-    steps_per_loop=100,
-    batch_size=128,
-    num_validation=5000,
-    learning_rate=1e-3,
-    xent_weight=1.0,
-)
-config_lib.define_flags(
-    SHARED,
-    names=SHARED,
-    helps=dict(
-        data_source="As mnist.py's --data_source.",
-        train_steps="Steps of each sweep run.",
-        steps_per_loop="Steps between validation checks.",
-        batch_size="Batch size.",
-        num_validation="Validation examples (paper: 5000).",
-        learning_rate="Adam learning rate.",
-        xent_weight="Cross-entropy weight of the margin runs.",
-    ),
-)
-# Everything the sweep does not vary is set here, not left to mnist.py's defaults
-# (which are the original configuration's).
-FIXED = dict(
-    optimizer="adam",
+TASKS = ("limited_data", "noisy_labels")
+PAPER_EPOCHS = 200
+# Gammas searched per (score, norm): an l2 distance is larger than an linf one
+# (the dual norm of the gradient, l2 <= l1), so its logit grid is shifted up.
+SEARCH_GAMMAS = {
+    ("probabilities", "inf"): (1e3, 1e4, 1e5),
+    ("probabilities", "2"): (1e3, 1e4, 1e5),
+    ("logits", "inf"): (30.0, 100.0, 300.0),
+    ("logits", "2"): (100.0, 300.0, 1000.0),
+}
+ALL_LAYERS = "input,conv0,conv1,fc0,logits"
+
+_BASELINE = dict(
+    optimizer="momentum",
+    momentum=0.9,
     optimizer_epsilon=1e-7,
-    lr_schedule="constant",
-    weight_decay=0,
-    layers_weights="none",
+    learning_rate=0.01,
+    xent_weight=0.0,
+)
+_MARGIN = dict(
+    loss="margin",
+    optimizer="rmsprop_tf1",
+    momentum=0.0,
+    optimizer_epsilon=1e-2,
+    learning_rate=0.01,
+    dist_norm="inf",
+    alpha_factor=4.0,
+    layers_weights="size",
+    margin_epsilon=1e-6,
+    top_k=1,
+)
+METHODS = {
+    "xent": dict(_BASELINE, loss="xent"),
+    "hinge": dict(_BASELINE, loss="hinge"),
+    "margin_input": dict(_MARGIN, margin_layers="input"),
+    "margin_all": dict(_MARGIN, margin_layers=ALL_LAYERS),
+    "margin_all_logits": dict(_MARGIN, margin_layers=ALL_LAYERS, margin_score="logits"),
+    # Control: cross-entropy alone with the margin methods' optimizer, which
+    # separates the margin term's effect from the optimizer's.
+    "xent_rmsprop": dict(_MARGIN, loss="xent"),
+}
+_MARGIN_METHODS = [name for name in METHODS if name.startswith("margin")]
+METHODS.update({f"{name}_k9": dict(METHODS[name], top_k=9) for name in _MARGIN_METHODS})
+METHODS.update({f"{name}_l2": dict(METHODS[name], dist_norm="2") for name in _MARGIN_METHODS})
+# What every cell shares (flags of mnist.py), whatever the method.
+SHARED = dict(
+    num_validation=5000,
+    weight_decay=5e-4,
+    clip_norm=5.0,
+    lr_schedule="piecewise",
+    lr_boundaries="0.5,0.75",
+    lr_decay_rate=0.1,
     verbose=2,
 )
-flags.DEFINE_string("out_dir", "/tmp/reproduce_mnist", "Output directory.")
-flags.DEFINE_integer("search_steps", 300, "Steps of each gamma-search run.")
-flags.DEFINE_list("norms", list(config_lib.NORMS), "Distance norms of the margin runs.")
-flags.DEFINE_string(
-    "search_grid",
-    "1:3,10,30,10/1;2:0.5,2,8,2/1;inf:0.05,0.2,0.8,0.2/1",
-    "(gamma, alpha_factor) pairs tried per norm: "
-    "'norm:gamma[/alpha],...;norm:...' (alpha_factor default 4).",
-)
-flags.DEFINE_float("search_noise", 0.8, "Noisy-label fraction of the gamma search.")
+
+flags.DEFINE_enum("task", "limited_data", TASKS, "What a point is.")
+flags.DEFINE_list("points", ["68", "550", "5500"], "Subset sizes or noise fractions.")
+flags.DEFINE_list("methods", ["xent", "hinge", "margin_input", "margin_all"], "Methods.")
+flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds.")
 flags.DEFINE_list(
-    "noise_fractions",
-    ["0", "0.2", "0.4", "0.6", "0.8"],
-    "Noisy-label fractions of sweep (a).",
+    "gammas",
+    [],
+    "Gammas of the margin cells (default: SEARCH_GAMMAS of the method's score "
+    "and norm).",
 )
-flags.DEFINE_list(
-    "train_sizes",
-    ["68", "550", "5500"],
-    "Training-set sizes of sweep (b) besides the full training set.",
-)
-flags.DEFINE_enum(
-    "size_norm", "inf", config_lib.NORMS, "Norm of the margin runs of sweep (b)."
-)
+flags.DEFINE_integer("search_seed", 0, "Seed at which several gammas are compared.")
+flags.DEFINE_float("xent_weight", 1.0, "Cross-entropy weight of the margin methods.")
+flags.DEFINE_integer("train_steps", 1000, "Steps of each cell.")
+flags.DEFINE_integer("steps_per_loop", 100, "Steps between validation checks.")
+flags.DEFINE_integer("batch_size", 256, "Batch size (at most the training-set size).")
+flags.DEFINE_string("data_source", "embedded", "As mnist.py's --data_source.")
+flags.DEFINE_string("out_dir", "/tmp/reproduce_mnist", "Runs and cells.jsonl.")
+flags.DEFINE_integer("threads", 0, "TensorFlow threads per run (0: TensorFlow's default).")
 FLAGS = flags.FLAGS
 
 MNIST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mnist.py")
-FULL = "full"
-DEFAULT_ALPHA_FACTOR = 4.0
-# Test accuracy of the checkpoint with the best validation accuracy.
-SELECTED = "best_validation_test_accuracy"
+CELLS_FILE = "cells.jsonl"
+NUM_TRAIN = 55000
 
 
-def parse_search_grid(text):
-  """'1:3,10/1;inf:0.1' -> {'1': [(3., 4.), (10., 1.)], 'inf': [(0.1, 4.)]}."""
-  grid = {}
-  for item in text.split(";"):
-    norm, _, candidates = item.partition(":")
-    if not candidates:
-      raise ValueError(f"--search_grid item {item!r} is not 'norm:gamma[/alpha],...'.")
-    grid[norm.strip()] = [
-        (float(gamma), float(alpha or DEFAULT_ALPHA_FACTOR))
-        for gamma, _, alpha in (c.partition("/") for c in candidates.split(","))
-    ]
-  return grid
+def method_settings(name):
+  """The mnist.py settings of method ``name`` (ValueError for an unknown one)."""
+  try:
+    return METHODS[name]
+  except KeyError:
+    raise ValueError(f"Unknown method {name!r}; known: {sorted(METHODS)}.") from None
 
 
-def run_name(*run_flags):
-  """A directory name from mnist.py flags: 'loss=xent_noisy_label_fraction=0.4'."""
-  return "_".join(f.lstrip("-").replace(",", "+") for f in run_flags)
+def is_margin(method):
+  return method_settings(method)["loss"] == "margin"
 
 
-def run(name, steps, *extra_flags):
-  """Runs mnist.py once (unless it already finished); returns its results."""
-  model_dir = os.path.join(FLAGS.out_dir, "runs", name)
-  results_path = os.path.join(model_dir, "results.json")
-  if not os.path.exists(results_path):
-    os.makedirs(model_dir, exist_ok=True)
-    shared = {s: FLAGS[s].value for s in SHARED if s != "xent_weight"}
+def gammas(method):
+  """The gammas searched for ``method`` (one None for a method without gamma)."""
+  if not is_margin(method):
+    return [None]
+  if FLAGS.gammas:
+    return [float(g) for g in FLAGS.gammas]
+  settings = method_settings(method)
+  return list(SEARCH_GAMMAS[settings.get("margin_score", "probabilities"), settings["dist_norm"]])
+
+
+def point_settings(task, point):
+  """(mnist.py settings, number of training examples) of a point of ``task``."""
+  if task == "limited_data":
+    size = int(point)
+    return dict(num_train_examples=size, noisy_label_fraction=0.0), size
+  fraction = float(point)
+  if not 0 <= fraction < 1:
+    raise ValueError(f"A noise fraction must be in [0, 1); got {point!r}.")
+  return dict(num_train_examples=0, noisy_label_fraction=fraction), NUM_TRAIN
+
+
+def cell_name(task, method, point, seed, gamma):
+  gamma_part = "" if gamma is None else f"_gamma={gamma:g}"
+  return f"{task}/{method}/{point}{gamma_part}_seed={seed}"
+
+
+def cell_settings(task, method, point, seed, gamma):
+  """All mnist.py settings of a cell, and its training-set size."""
+  settings, num_examples = point_settings(task, point)
+  settings.update(SHARED, **method_settings(method))
+  settings.update(
+      seed=int(seed),
+      train_steps=FLAGS.train_steps,
+      steps_per_loop=FLAGS.steps_per_loop,
+      batch_size=min(FLAGS.batch_size, num_examples),
+      data_source=FLAGS.data_source,
+  )
+  if is_margin(method):
+    settings.update(gamma=gamma, xent_weight=FLAGS.xent_weight)
+  return settings, num_examples
+
+
+def read_cells(out_dir):
+  """The records of ``<out_dir>/cells.jsonl`` (the last record of a cell wins)."""
+  path = os.path.join(out_dir, CELLS_FILE)
+  if not os.path.exists(path):
+    return {}
+  with open(path, encoding="utf-8") as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  return {r["cell"]: r for r in records}
+
+
+def append_cell(out_dir, record):
+  """Appends one record as a line (a single write: concurrent drivers are safe)."""
+  line = json.dumps(record, sort_keys=True) + "\n"
+  fd = os.open(os.path.join(out_dir, CELLS_FILE), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+  try:
+    os.write(fd, line.encode("utf-8"))
+  finally:
+    os.close(fd)
+
+
+def claim(run_dir):
+  """Claims a cell for this process; False if a living process holds it."""
+  os.makedirs(run_dir, exist_ok=True)
+  path = os.path.join(run_dir, "claim")
+  try:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+  except FileExistsError:
+    with open(path, encoding="utf-8") as f:
+      owner = int(f.read() or 0)
+    if not owner or (owner != os.getpid() and process_alive(owner)):
+      return False  # Held (or being claimed) by a living driver.
+    os.remove(path)  # The owner died: take over (the run resumes).
+    return claim(run_dir)
+  with os.fdopen(fd, "w") as f:
+    f.write(str(os.getpid()))
+  return True
+
+
+def process_alive(pid):
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def record_of(cell, task, method, point, seed, gamma, settings, num_examples, results):
+  """The cells.jsonl record of a finished run's results.json."""
+  history = results["history"]
+  active = {
+      key.split("/", 1)[1]: [row[key] for row in history if key in row]
+      for key in history[-1]
+      if key.startswith("margin_active/")
+  }
+  medians = {
+      key.split("/", 1)[1]: history[-1][key]
+      for key in history[-1]
+      if key.startswith("margin_distance_median/")
+  }
+  epochs = settings["train_steps"] * settings["batch_size"] / num_examples
+  return dict(
+      cell=cell,
+      task=task,
+      method=method,
+      point=point,
+      seed=int(seed),
+      gamma=gamma,
+      top_k=settings.get("top_k"),
+      train_steps=settings["train_steps"],
+      batch_size=settings["batch_size"],
+      num_train_examples=results["num_train_examples"],
+      epochs=epochs,
+      fraction_of_paper_epochs=epochs / PAPER_EPOCHS,
+      best_validation_accuracy=results["best_validation_accuracy"],
+      best_validation_step=results["best_validation_step"],
+      test_accuracy=results["best_validation_test_accuracy"],
+      final_test_accuracy=results["test_accuracy"],
+      train_seconds=results["train_seconds_this_run"],
+      active_fraction_final=({k: v[-1] for k, v in active.items()}),
+      active_fraction_mean=({k: sum(v) / len(v) for k, v in active.items()}),
+      distance_median_final=medians,
+      command=settings,
+  )
+
+
+def run_cell(task, method, point, seed, gamma):
+  """Trains one cell (unless it is done or claimed); returns True if it ran."""
+  cell = cell_name(task, method, point, seed, gamma)
+  run_dir = os.path.join(FLAGS.out_dir, "runs", cell)
+  if not claim(run_dir):
+    return False
+  try:
+    settings, num_examples = cell_settings(task, method, point, seed, gamma)
     command = [
         sys.executable,
         MNIST,
-        f"--model_dir={model_dir}",
-        *config_lib.to_argv(dict(shared, train_steps=steps, **FIXED)),
-        *extra_flags,
+        f"--model_dir={run_dir}",
+        *config_lib.to_argv(settings),
     ]
-    start = time.time()
-    with open(os.path.join(model_dir, "log.txt"), "a", encoding="utf-8") as log:
-      subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=True)
-    logging.info("%s: %.0f s", name, time.time() - start)
-  with open(results_path, encoding="utf-8") as f:
-    return json.load(f)
-
-
-def margin_flags(norm, gamma, alpha_factor):
-  return [
-      "--loss=margin",
-      f"--dist_norm={norm}",
-      f"--gamma={gamma}",
-      f"--alpha_factor={alpha_factor}",
-      f"--xent_weight={FLAGS.xent_weight}",
-      "--margin_layers=input",
-  ]
-
-
-def search(grid):
-  """{norm: (gamma, alpha_factor) with the best validation accuracy at
-  --search_noise}."""
-  chosen = {}
-  for norm in FLAGS.norms:
-    scores = {}
-    for gamma, alpha_factor in grid[norm]:
-      run_flags = [
-          f"--noisy_label_fraction={FLAGS.search_noise}",
-          *margin_flags(norm, gamma, alpha_factor),
-      ]
-      scores[gamma, alpha_factor] = run(
-          "search_" + run_name(*run_flags), FLAGS.search_steps, *run_flags
-      )["best_validation_accuracy"]
-    chosen[norm] = max(scores, key=scores.get)
-    logging.info(
-        "l%s: validation accuracy per (gamma, alpha_factor) %s -> %s",
-        norm,
-        scores,
-        chosen[norm],
-    )
-  return chosen
-
-
-def methods(norms, chosen):
-  """{column name: mnist.py flags} of xent and the margin with each norm."""
-  columns = {"xent": ["--loss=xent"]}
-  for norm in norms:
-    columns[f"margin l{norm}"] = margin_flags(norm, *chosen[norm])
-  return columns
-
-
-def point_run(column_flags, noise="0", size=FULL):
-  """Results of one method at one (noise fraction, training-set size)."""
-  point_flags = [f"--noisy_label_fraction={noise}"]
-  if size != FULL:
-    point_flags.append(f"--num_train_examples={size}")
-  return run(
-      run_name(*column_flags, *point_flags),
-      FLAGS.train_steps,
-      *point_flags,
-      *column_flags,
-  )
-
-
-def markdown_table(title, point_name, table, point_label):
-  """A markdown table of {point: {column: accuracy}} in percent."""
-  columns = list(next(iter(table.values())))
-  lines = [
-      f"### {title}",
-      "",
-      "| " + " | ".join([point_name] + columns) + " |",
-      "| " + " | ".join(["---"] * (len(columns) + 1)) + " |",
-  ]
-  for point, row in table.items():
-    lines.append(
-        "| "
-        + " | ".join([point_label(point)] + [f"{100 * row[c]:.2f}" for c in columns])
-        + " |"
-    )
-  return "\n".join(lines)
-
-
-def plot(noise_table, size_table, path):
-  """Test accuracy vs noise fraction and vs training-set size, one line per method."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-
-  matplotlib.use("Agg")
-  from matplotlib import pyplot  # pylint: disable=g-import-not-at-top
-
-  figure, (left, right) = pyplot.subplots(1, 2, figsize=(11, 4))
-  for axis, table, xlabel in (
-      (left, noise_table, "noisy-label fraction"),
-      (right, size_table, "training examples"),
-  ):
-    points = list(table)
-    for column in table[points[0]]:
-      axis.plot(
-          [float(p) for p in points],
-          [100 * table[p][column] for p in points],
-          marker="o",
-          label=column,
+    env = dict(os.environ)
+    if FLAGS.threads:
+      env.update(
+          TF_NUM_INTRAOP_THREADS=str(FLAGS.threads),
+          TF_NUM_INTEROP_THREADS=str(FLAGS.threads),
+          OMP_NUM_THREADS=str(FLAGS.threads),
       )
-    axis.set_xlabel(xlabel)
-    axis.set_ylabel("clean test accuracy (%)")
-    axis.grid(alpha=0.3)
-    axis.legend()
-  right.set_xscale("log")
-  figure.tight_layout()
-  figure.savefig(path, dpi=120)
+    start = time.time()
+    with open(os.path.join(run_dir, "log.txt"), "a", encoding="utf-8") as log:
+      subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, check=True)
+    with open(os.path.join(run_dir, "results.json"), encoding="utf-8") as f:
+      results = json.load(f)
+    append_cell(
+        FLAGS.out_dir,
+        record_of(cell, task, method, point, seed, gamma, settings, num_examples, results),
+    )
+    logging.info("%s: %.0f s, test %.4f", cell, time.time() - start,
+                 results["best_validation_test_accuracy"])
+  finally:
+    os.remove(os.path.join(run_dir, "claim"))
+  return True
+
+
+def chosen_gamma(done, task, method, point):
+  """The searched gamma with the best validation accuracy at --search_seed, or
+  None while a search cell is unfinished."""
+  scores = {}
+  for gamma in gammas(method):
+    record = done.get(cell_name(task, method, point, FLAGS.search_seed, gamma))
+    if record is None:
+      return None
+    scores[gamma] = record["best_validation_accuracy"]
+  return max(scores, key=scores.get)
+
+
+def pending_cells(done):
+  """(runnable cells, number of cells waiting for a search), in run order: the
+  cells of --search_seed (every gamma) first, then the other seeds."""
+  runnable, waiting = [], 0
+  seeds = [int(s) for s in FLAGS.seeds]
+  for point in FLAGS.points:
+    for method in FLAGS.methods:
+      for gamma in gammas(method):
+        runnable.append((FLAGS.task, method, point, FLAGS.search_seed, gamma))
+  for point in FLAGS.points:
+    for method in FLAGS.methods:
+      for seed in seeds:
+        if seed == FLAGS.search_seed:
+          continue
+        options = gammas(method)
+        if len(options) == 1:
+          gamma = options[0]  # None for a method without gamma.
+        else:
+          gamma = chosen_gamma(done, FLAGS.task, method, point)
+          if gamma is None:
+            waiting += 1
+            continue
+        runnable.append((FLAGS.task, method, point, seed, gamma))
+  runnable = [c for c in runnable if cell_name(*c) not in done]
+  return runnable, waiting
 
 
 def main(_):
-  start = time.time()
-  chosen = search(parse_search_grid(FLAGS.search_grid))
-  noise_columns = methods(FLAGS.norms, chosen)
-  noise_table = {
-      noise: {c: point_run(f, noise=noise)[SELECTED] for c, f in noise_columns.items()}
-      for noise in FLAGS.noise_fractions
-  }
-  size_table = {}
-  for size in FLAGS.train_sizes + [FULL]:
-    runs = {
-        c: point_run(f, size=size)
-        for c, f in methods([FLAGS.size_norm], chosen).items()
-    }
-    size_table[str(runs["xent"]["num_train_examples"])] = {
-        c: results[SELECTED] for c, results in runs.items()
-    }
-  report = "\n\n".join(
-      [
-          f"(gamma, alpha_factor) chosen on validation at {FLAGS.search_noise:.0%} "
-          "noisy labels: " + ", ".join(f"l{n}: {c}" for n, c in chosen.items()),
-          markdown_table(
-              "(a) Noisy labels: clean test accuracy (%)",
-              "noisy labels",
-              noise_table,
-              lambda p: f"{float(p):.0%}",
-          ),
-          markdown_table(
-              "(b) Training-set size: clean test accuracy (%)",
-              "training examples",
-              size_table,
-              str,
-          ),
-          f"{FLAGS.train_steps} steps of batch {FLAGS.batch_size} per run "
-          f"({FLAGS.search_steps} for the gamma search); sweep wall-clock "
-          f"{(time.time() - start) / 60:.0f} min (finished runs reused).",
-      ]
-  )
-  with open(os.path.join(FLAGS.out_dir, "results.md"), "w", encoding="utf-8") as f:
-    f.write(report + "\n")
-  plot(noise_table, size_table, os.path.join(FLAGS.out_dir, "results.png"))
-  print(report)
+  for method in FLAGS.methods:
+    method_settings(method)
+  for point in FLAGS.points:
+    point_settings(FLAGS.task, point)
+  os.makedirs(FLAGS.out_dir, exist_ok=True)
+  while True:
+    runnable, waiting = pending_cells(read_cells(FLAGS.out_dir))
+    if not runnable and not waiting:
+      break
+    # Runs the first cell no other driver holds, then looks again (a finished
+    # search may make more cells runnable).
+    if not any(run_cell(*cell) for cell in runnable):
+      time.sleep(30)
+  logging.info("All cells done: %s", os.path.join(FLAGS.out_dir, CELLS_FILE))
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ import typing
 
 from absl import logging
 import keras
+import numpy as np
 import tensorflow as tf
 
 import tf_large_margin as tlm
@@ -243,6 +244,7 @@ def make_margin(config):
       top_k=config.top_k,
       dist_norm=config.dist_norm,
       epsilon=config.margin_epsilon,
+      score=config.margin_score,
   )
 
 
@@ -407,7 +409,10 @@ def train_and_evaluate(config, strategy, build_network, all_margin_layers, data)
         data.num_train_examples,
     )
   has_validation = data.validation is not None
-  callbacks = training.make_callbacks(directory, has_validation, progress)
+  monitors = []
+  if getattr(model, "margin", None) is not None:
+    monitors.append(tlm.monitor.MarginActivity(*first_examples(data.train(0), 1000)))
+  callbacks = training.make_callbacks(directory, has_validation, progress, monitors)
   checkpoints = training.Checkpoints(
       os.path.join(directory, training.CHECKPOINT_DIR), config.checkpoint_steps
   )
@@ -451,6 +456,17 @@ def train_and_evaluate(config, strategy, build_network, all_margin_layers, data)
   logging.info("Results in %s", directory)
   print(f"clean test accuracy: {results['test_accuracy']:.4f}")
   return results, model
+
+
+def first_examples(dataset, count):
+  """(x, y) numpy arrays of the first ``count`` examples of a batched data set."""
+  xs, ys = [], []
+  for x, y in dataset:
+    xs.append(x.numpy())
+    ys.append(y.numpy())
+    if sum(len(y) for y in ys) >= count:
+      break
+  return np.concatenate(xs)[:count], np.concatenate(ys)[:count]
 
 
 def best_on_validation(model, history, directory, test):

@@ -168,8 +168,9 @@ def read_history(path):
   ]
 
 
-def make_callbacks(directory, has_validation, progress=None):
-  """Logs, progress line and (with validation) the best-on-validation weights.
+def make_callbacks(directory, has_validation, progress=None, monitors=()):
+  """Logs, progress line and (with validation) the best-on-validation weights;
+  ``monitors`` (callbacks adding to the epoch logs) run before the logs.
 
   Without a checkpoint to resume from, the run starts afresh: the history and
   best weights of an earlier finished run in ``directory`` are removed.
@@ -183,6 +184,7 @@ def make_callbacks(directory, has_validation, progress=None):
   callbacks = [
       # Advances the lambda schedule of --loss=lsoftmax|sphereface (else no-op).
       tlm.LambdaScheduler(),
+      *monitors,
       keras.callbacks.TensorBoard(os.path.join(directory, "tensorboard")),
       keras.callbacks.CSVLogger(history_path, append=True),
   ]

@@ -3,6 +3,7 @@ compare_methods.py, reproduce_mnist.py), in fresh processes, and
 reproduce_mnist.py's tables with a stand-in for its runs."""
 
 import json
+import math
 import os
 import zipfile
 
@@ -137,95 +138,140 @@ def test_imagenet_needs_a_data_source(tmp_path):
 
 @pytest.fixture
 def reproduce_mnist(monkeypatch):
-  """examples/reproduce_mnist.py imported, its flags parsed anew per test."""
+  """examples/reproduce_mnist.py (and paper_report.py, which shares its flags)
+  imported, the flags parsed anew per test."""
   monkeypatch.syspath_prepend(EXAMPLES)
+  import paper_report  # pylint: disable=import-outside-toplevel
   import reproduce_mnist as module  # pylint: disable=import-outside-toplevel
 
+  module.paper_report = paper_report
   yield module
   module.FLAGS.unparse_flags()
 
 
-def fake_run(calls):
-  """A stand-in for reproduce_mnist.run: results from the flags, no training."""
+def fake_accuracy(values):
+  """Test accuracy of a stand-in run: a function of method, seed and point."""
+  bonus = {"xent": 0.0, "margin_all": 0.02, "margin_all_logits": 0.05}[values["method"]]
+  return 0.5 + bonus + 0.01 * int(values["seed"]) * (1 + bonus) + int(values["size"]) / 1e4
 
-  def run_(name, steps, *run_flags):
-    values = dict(f.lstrip("-").split("=", 1) for f in run_flags)
-    calls.append((name, steps, values))
-    gamma = float(values.get("gamma", 0))
-    size = int(values.get("num_train_examples", 1000))
-    noise = float(values["noisy_label_fraction"])
-    accuracy = (0.5 if values["loss"] == "xent" else 0.6) - noise / 2 + size / 1e5
-    return {
-        "best_validation_accuracy": -abs(gamma - 2.0),
-        "num_train_examples": size,
-        "best_validation_test_accuracy": accuracy,
-    }
+
+def fake_mnist(calls):
+  """A stand-in for the driver's mnist.py process: writes results.json from the
+  flags (validation best at gamma 100), no training."""
+
+  def run_(command, **unused_kwargs):
+    values = dict(f.lstrip("-").split("=", 1) for f in command[2:])
+    method = values["loss"] if values["loss"] == "xent" else (
+        "margin_all_logits" if values.get("margin_score") == "logits" else "margin_all")
+    values.update(method=method, size=values["num_train_examples"])
+    calls.append(values)
+    gamma = float(values.get("gamma", 100))
+    results = dict(
+        history=[{"margin_active/input": 0.25, "margin_distance_median/input": gamma}]
+        if method != "xent" else [{"loss": 1.0}],
+        num_train_examples=int(values["size"]),
+        best_validation_accuracy=1.0 - abs(math.log10(gamma) - 2),
+        best_validation_step=10,
+        best_validation_test_accuracy=fake_accuracy(values),
+        test_accuracy=0.0,
+        train_seconds_this_run=1.0,
+    )
+    with open(os.path.join(values["model_dir"], "results.json"), "w") as f:
+      json.dump(results, f)
 
   return run_
 
 
-def test_reproduce_mnist_tables_and_selection(reproduce_mnist, monkeypatch, tmp_path):
+def test_reproduce_mnist_search_records_and_report(reproduce_mnist, monkeypatch, tmp_path):
   calls = []
-  monkeypatch.setattr(reproduce_mnist, "run", fake_run(calls))
+  monkeypatch.setattr(reproduce_mnist.subprocess, "run", fake_mnist(calls))
   reproduce_mnist.FLAGS(
       [
           "reproduce_mnist.py",
           f"--out_dir={tmp_path}",
-          "--norms=2",
-          "--search_grid=2:0.5,2/1,8",
-          "--noise_fractions=0,0.8",
-          "--train_sizes=68",
-          "--size_norm=2",
+          "--task=limited_data",
+          "--points=68,550",
+          "--methods=xent,margin_all,margin_all_logits",
+          "--seeds=0,1,2",
+          "--train_steps=40",
       ]
   )
   reproduce_mnist.main(None)
-  searched = [
-      (v["gamma"], v["alpha_factor"]) for n, _, v in calls if n.startswith("search_")
-  ]
-  assert searched == [("0.5", "4.0"), ("2.0", "1.0"), ("8.0", "4.0")]
-  margin_runs = [
-      v for n, _, v in calls if not n.startswith("search_") and v["loss"] == "margin"
-  ]
-  assert {(v["gamma"], v["alpha_factor"]) for v in margin_runs} == {("2.0", "1.0")}
-  report = (tmp_path / "results.md").read_text()
-  assert "l2: (2.0, 1.0)" in report
-  assert "| 0% | 51.00 | 61.00 |" in report
-  assert "| 80% | 11.00 | 21.00 |" in report
-  assert "| 68 | 50.07 | 60.07 |" in report
-  assert "| 1000 | 51.00 | 61.00 |" in report  # the full set: the 0 % noise runs
-  assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
+  # The search runs every gamma of the method's grid at seed 0; the other seeds
+  # use the best on validation (100 for the logit grid; 1e3 or 1e4 tie: the first).
+  margin_calls = [(c["method"], c["size"], c["seed"], float(c["gamma"]))
+                  for c in calls if c["method"] != "xent"]
+  logits_at_68 = sorted(g for m, n, s, g in margin_calls
+                        if m == "margin_all_logits" and n == "68")
+  assert logits_at_68 == [30.0, 100.0, 100.0, 100.0, 300.0]
+  assert len(calls) == 2 * (3 + (3 + 2) + (3 + 2))
+  assert {c["batch_size"] for c in calls if c["size"] == "68"} == {"68"}
+  assert {c["optimizer"] for c in calls if c["method"] == "xent"} == {"momentum"}
+  assert {c["optimizer"] for c in calls if c["method"] != "xent"} == {"rmsprop_tf1"}
+  records = reproduce_mnist.read_cells(str(tmp_path))
+  record = records["limited_data/margin_all_logits/68_gamma=100_seed=1"]
+  assert record["epochs"] == 40 and record["fraction_of_paper_epochs"] == 0.2
+  assert record["active_fraction_mean"] == {"input": 0.25}
+  # Running again finds everything done.
+  calls.clear()
+  reproduce_mnist.main(None)
+  assert not calls
+
+  text = reproduce_mnist.paper_report.report(str(tmp_path), 0, ["xent"])
+  expected = [100 * (fake_accuracy(dict(method="margin_all_logits", seed=s, size=68))
+                     - fake_accuracy(dict(method="xent", seed=s, size=68))) for s in range(3)]
+  mean, std = np.mean(expected), np.std(expected, ddof=1)
+  half = 4.303 * std / math.sqrt(3)
+  assert f"{mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}]" in text
+  accuracies = [100 * fake_accuracy(dict(method="xent", seed=s, size=550)) for s in range(3)]
+  assert f"| 550 | {np.mean(accuracies):.2f} ± {np.std(accuracies, ddof=1):.2f} (3) |" in text
+  # The claim at 68: +2.x points against the paper's 3.7 with a tight interval.
+  claim_68 = [line for line in text.split("\n") if "by 3.7 points" in line]
+  assert "| probabilities (paper) | +2." in claim_68[0]
+  assert claim_68[0].endswith("| partly (sign only) |")
+  assert "| logits | +5." in claim_68[1] and claim_68[1].endswith("| reproduced |")
+  assert "80 % noisy labels" in text and "not run" in text
+  assert (tmp_path / "limited_data.png").read_bytes()[:4] == b"\x89PNG"
+  assert (tmp_path / "report.md").read_text() == text
+
+
+def test_reproduce_mnist_rejects_unknown_methods_and_points(reproduce_mnist, tmp_path):
+  reproduce_mnist.FLAGS(["reproduce_mnist.py", f"--out_dir={tmp_path}",
+                         "--methods=xent,margin_everything"])
+  with pytest.raises(ValueError, match="Unknown method 'margin_everything'"):
+    reproduce_mnist.main(None)
+  reproduce_mnist.FLAGS.unparse_flags()
+  reproduce_mnist.FLAGS(["reproduce_mnist.py", f"--out_dir={tmp_path}",
+                         "--task=noisy_labels", "--points=1.5"])
+  with pytest.raises(ValueError, match=r"noise fraction must be in \[0, 1\)"):
+    reproduce_mnist.main(None)
 
 
 def test_reproduce_mnist_end_to_end(tmp_path):
-  """Three real mnist.py runs: the search point and xent / margin at 0 % noise (the
-  full-size point of sweep (b) reuses them)."""
-  process = run(
+  """Two real mnist.py cells on the embedded sample: xent and the all-layer
+  logit-score margin, with the margin activity in their record."""
+  run(
       [
           script("reproduce_mnist.py"),
           f"--out_dir={tmp_path}",
-          "--num_validation=300",
+          "--task=noisy_labels",
+          "--points=0.2",
+          "--methods=xent,margin_all_logits",
+          "--seeds=0",
+          "--gammas=30",
           "--train_steps=2",
-          "--search_steps=2",
           "--steps_per_loop=1",
           "--batch_size=16",
-          "--norms=inf",
-          "--search_grid=inf:0.2",
-          "--noise_fractions=0",
-          "--train_sizes=",
-          "--size_norm=inf",
       ]
   )
-  assert len(os.listdir(tmp_path / "runs")) == 3
-  for name in os.listdir(tmp_path / "runs"):
-    with open(tmp_path / "runs" / name / "results.json", encoding="utf-8") as f:
-      flags = json.load(f)["flags"]
-    # The sweep's own settings, not mnist.py's (original-configuration) defaults.
-    assert (
-        flags["optimizer"],
-        flags["optimizer_epsilon"],
-        flags["weight_decay"],
-        flags["layers_weights"],
-    ) == ("adam", 1e-7, 0.0, "none")
-  report = (tmp_path / "results.md").read_text()
-  assert "| 0% |" in report and "| 9700 |" in report  # 10k sample - 300 validation
-  assert report in process.stdout
+  with open(tmp_path / "cells.jsonl", encoding="utf-8") as f:
+    records = {r["method"]: r for r in map(json.loads, f)}
+  assert set(records) == {"xent", "margin_all_logits"}
+  margin = records["margin_all_logits"]
+  assert set(margin["active_fraction_final"]) == {"input", "conv0", "conv1", "fc0", "logits"}
+  assert all(0 <= v <= 1 for v in margin["active_fraction_final"].values())
+  assert margin["command"]["noisy_label_fraction"] == 0.2
+  with open(tmp_path / "runs" / margin["cell"] / "results.json", encoding="utf-8") as f:
+    flags = json.load(f)["flags"]
+  assert (flags["margin_score"], flags["optimizer"], flags["gamma"]) == (
+      "logits", "rmsprop_tf1", 30.0)

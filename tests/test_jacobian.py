@@ -224,7 +224,10 @@ def test_an_example_with_a_zero_jacobian_adds_nothing():
   for change, reference in zip(changes, reference_changes):
     assert np.all(np.isfinite(change))
     np.testing.assert_allclose(change, 0.75 * reference, atol=1e-6)
-  np.testing.assert_allclose(logs["jacobian"], 0.75 * reference_logs["jacobian"])
+  # float32 sums in a different order (3 vs 4 rows): 1 ulp apart on some CPUs.
+  np.testing.assert_allclose(
+      logs["jacobian"], 0.75 * reference_logs["jacobian"], rtol=1e-6
+  )
   assert np.abs(changes[0]).max() > 0
 
 
