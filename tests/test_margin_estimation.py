@@ -280,6 +280,47 @@ def test_float64_logits(norm):
   np.testing.assert_allclose(distances, 1.02 * exact, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float64"])
+def test_estimators_take_tensors_of_any_float_dtype(dtype):
+  """Regression: a model built with dtype="float16" is fed float16 tf.Tensors, and
+  tf.convert_to_tensor(x, tf.float32) raised ValueError for them (it casts arrays and
+  lists, not tensors). The estimators cast x to float32: the margins are those of
+  the same values given as a float32 array, or as nested lists."""
+  w, b, x = affine_problem(classes=4)
+  model = keras.Sequential(
+      [keras.Input((DIM,), dtype=dtype), keras.layers.Dense(4, dtype=dtype)]
+  )
+  model.layers[0].set_weights([w, b])
+  tensor = tf.cast(x, dtype)
+  values = tf.cast(tensor, tf.float32).numpy()
+  labels = np.argmax(to_float64(model(tensor)), axis=1)
+  for norm in NORMS:
+    for given in (tensor, values.tolist()):
+      np.testing.assert_array_equal(
+          margin_estimation.linearized_margins(model, given, labels, norm),
+          margin_estimation.linearized_margins(model, values, labels, norm),
+      )
+      x_adv, distances = margin_estimation.deepfool(model, given, labels, norm)
+      expected_adv, expected = margin_estimation.deepfool(model, values, labels, norm)
+      np.testing.assert_array_equal(x_adv, expected_adv)
+      np.testing.assert_array_equal(distances, expected)
+      assert np.all(np.isfinite(distances)) and np.all(distances > 0)
+      found, correct = margin_estimation.first_order_margins(
+          model, given, labels, ["input"], dist_norm=norm
+      )
+      np.testing.assert_array_equal(
+          found["input"],
+          margin_estimation.first_order_margins(
+              model, values, labels, ["input"], dist_norm=norm
+          )[0]["input"],
+      )
+      assert np.all(correct)
+
+
+def to_float64(tensor):
+  return tf.cast(tensor, tf.float64).numpy()
+
+
 def test_deepfool_step_covers_the_logit_resolution():
   """On a tie of rounded logits (f = 0, prediction unchanged) the plain step is 0;
   with a resolution the step reaches f = resolution on the linearised boundary."""

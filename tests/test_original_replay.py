@@ -21,6 +21,7 @@ import os
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from tf_large_margin import original_recipe
 
@@ -78,6 +79,18 @@ def test_forward_logits_and_probability_margins(golden, report):
   np.testing.assert_allclose(
       report["difference_prob"], golden["step1/difference_prob"], atol=2e-4
   )
+
+
+def test_step_report_casts_a_tensor_of_another_float_dtype(golden, batch, report):
+  """Regression: tf.convert_to_tensor(images, tf.float32) raised ValueError for a
+  tf.Tensor of another dtype; a float64 tensor of the same values gives the same
+  report."""
+  images, labels = batch
+  again = original_recipe.step_report(
+      initial_model(golden), tf.constant(images, tf.float64), labels
+  )
+  for key in ("logits", "dist", "total_loss"):
+    np.testing.assert_allclose(again[key], report[key], rtol=1e-6)
 
 
 def test_distances_per_layer(golden, report):

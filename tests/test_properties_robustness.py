@@ -30,10 +30,14 @@ def test_margin_estimators_are_finite(dtype, data):
   """first_order_margins (finite for epsilon > 0; with epsilon = 0, +-inf only where
   the gradient vanishes and never NaN), linearized_margins (inf only where no
   boundary is reachable, never NaN) and deepfool (finite x_adv; distances >= 0,
-  inf for examples not flipped)."""
+  inf for examples not flipped). The inputs are a float32 array or a tf.Tensor of
+  the model's dtype (float16 / bfloat16 ones included): the estimators cast them to
+  float32."""
   x, labels, params = data.draw(network_case(dtype))
   model = build_network(dtype, params)
-  x = model_inputs(dtype, x).astype("float32")  # the estimators take float32 inputs
+  x = model_inputs(dtype, x).astype("float32")
+  if data.draw(st.booleans()):
+    x = tf.cast(x, dtype)
   hypothesis.assume(logits_in_range(model, x))
   classes = params[2].shape[1]
   norm = data.draw(st.sampled_from([1, 2, np.inf]))

@@ -118,6 +118,16 @@ def check_float_inputs(x):
   return x
 
 
+def float32_inputs(x):
+  """``x`` (a tf.Tensor of any dtype, a numpy array or nested lists) as float32.
+
+  `tf.convert_to_tensor(x, tf.float32)` converts arrays and lists but raises
+  ValueError for a tensor of another dtype (the float16 inputs of a model built
+  with dtype="float16"); `tf.cast` converts all of them.
+  """
+  return tf.cast(x, tf.float32)
+
+
 def float_inputs_and_labels(model, x, labels):
   """``(x as a float tensor, int32 labels)`` after checking both and the model."""
   x = check_float_inputs(x)

@@ -44,7 +44,9 @@ over a data set and `summarize_margins` reduces the result, over correctly class
 examples by default.
 
 Any float model works, including one with half-precision logits (mixed precision,
-float16 or bfloat16): the inputs are float32, and the linearisation (logits and their
+float16 or bfloat16): the inputs (arrays, lists or tensors of any float dtype, such
+as the float16 inputs of a model built with dtype="float16") are cast to float32
+(`argument_checks.float32_inputs`), and the linearisation (logits and their
 input gradients) is computed in float32, or in float64 for float64 logits
 (`working_dtype`). `linearized_margins` returns that dtype; DeepFool's perturbation
 and distances have the dtype of the inputs, float32.
@@ -150,7 +152,7 @@ def first_order_margins(
   """
   layers = _check_layers(layers)
   margin_loss.dual_norm(dist_norm)
-  x = tf.convert_to_tensor(x, tf.float32)
+  x = argument_checks.float32_inputs(x)
   labels, num_classes = argument_checks.check_logits_and_labels(model, x, labels)
   if (
       isinstance(top_k, bool)
@@ -306,7 +308,7 @@ def linearized_margins(model, x, labels, norm=2):
     (half-precision logits are widened to float32 before the linearisation).
   """
   margin_loss.dual_norm(norm)
-  x = tf.convert_to_tensor(x, tf.float32)
+  x = argument_checks.float32_inputs(x)
   labels, _ = argument_checks.check_logits_and_labels(model, x, labels)
   return _linearized_graph(model, x, labels, norm).numpy()
 
@@ -352,7 +354,7 @@ def deepfool(model, x, labels, norm=2, max_iter=50, overshoot=0.02):
   margin_loss.dual_norm(norm)
   max_iter = argument_checks.check_steps(max_iter, "max_iter")
   overshoot = argument_checks.check_nonnegative("overshoot", overshoot)
-  x = tf.convert_to_tensor(x, tf.float32)
+  x = argument_checks.float32_inputs(x)
   labels, _ = argument_checks.check_logits_and_labels(model, x, labels)
   x_adv, flipped = _deepfool_graph(
       model, x, labels, norm, tf.constant(max_iter), tf.constant(overshoot)

@@ -24,6 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_large_margin import architectures
+from tf_large_margin import argument_checks
 from tf_large_margin import margin_loss
 from tf_large_margin import margin_penalty
 from tf_large_margin.losses import LayerMargin
@@ -167,7 +168,7 @@ def step_report(model, images, labels):
   """
   moving = [v for v in model.non_trainable_variables]
   saved = [np.asarray(v) for v in moving]
-  x = tf.convert_to_tensor(images, tf.float32)
+  x = argument_checks.float32_inputs(images)
   y = tf.convert_to_tensor(labels)
   settings = model.margin
   with tf.GradientTape() as weights_tape:
