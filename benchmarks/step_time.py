@@ -8,12 +8,20 @@ The paper's MNIST CNN, batch 256, margin at input + conv0 + conv1, dist_norm=inf
                  per class, norms by tf.map_fn,
 and their ratios to xent. It also times the activation-only backward pass (one
 forward pass and one backward pass from the logits to the margin layers), from
-which "floor k" = xent + k * (that backward pass) is the least any formulation
-needing one gradient per competing class can cost.
+which "floor k" = xent + k * (that backward pass) is what a formulation making one
+such backward pass per competing class costs.
 
-  python benchmarks/step_time.py [--batch_size=256] [--steps=10] [--jit_compile]
+Ratios depend on the machine (CPU, cores, load, TF's kernels): the first line of
+the output names it. With ``--repeats=N`` the variants are timed in N interleaved
+rounds (each round times every variant once, in turn), each ratio is taken within
+its round, and its min / median / max over the rounds is printed.
+
+  python benchmarks/step_time.py [--batch_size=256] [--steps=10] [--repeats=1]
+      [--jit_compile]
 """
 
+import os
+import platform
 import time
 
 from absl import app
@@ -29,7 +37,12 @@ from tf_large_margin import margin_scores
 from tf_large_margin import margin_penalty
 
 flags.DEFINE_integer("batch_size", 256, "Batch size.")
-flags.DEFINE_integer("steps", 10, "Timed steps per variant (after 2 warm-up steps).")
+flags.DEFINE_integer(
+    "steps", 10, "Timed steps per variant and round (after 2 warm-up steps)."
+)
+flags.DEFINE_integer(
+    "repeats", 1, "Interleaved rounds: each times every variant once, in turn."
+)
 flags.DEFINE_boolean(
     "jit_compile", False, "Compile every variant's step with XLA (jit_compile=True)."
 )
@@ -95,19 +108,28 @@ class OriginalFormulation(tlm.MarginModel):
     return term
 
 
-def median_step_time(model, x, y, steps):
-  for _ in range(2):
-    model.train_on_batch(x, y)
+def median_seconds(fn, steps):
+  """Median wall time of ``steps`` calls of ``fn`` (warm: the caller warmed it up)."""
   times = []
   for _ in range(steps):
     start = time.perf_counter()
-    model.train_on_batch(x, y)
+    fn()
     times.append(time.perf_counter() - start)
   return float(np.median(times))
 
 
-def activation_backward_time(x, steps):
-  """Median time of one backward pass from the logits to the margin layers."""
+def training_step(model, x, y):
+  """One `train_on_batch` of ``model``, after 2 warm-up steps."""
+  step = lambda: model.train_on_batch(x, y)
+  for _ in range(2):
+    step()
+  return step
+
+
+def activation_backward(x):
+  """``(forward, forward_backward)``: calls running one training-mode forward pass of
+  the network, and that pass followed by one backward pass from the logits to the
+  margin layers (the activation-only backward pass), after 2 warm-up calls each."""
   keras.utils.set_random_seed(0)
   network = architectures.mnist_cnn()
   endpoints = keras.Model(
@@ -127,17 +149,39 @@ def activation_backward_time(x, steps):
       logits, *hidden = endpoints(x, training=True)
     return tape.gradient(logits, [x] + hidden, output_gradients=cotangent)
 
-  def median(fn):
+  calls = []
+  for fn in (forward, forward_backward):
+    call = lambda fn=fn: tf.nest.map_structure(lambda t: t.numpy(), fn(x))
     for _ in range(2):
-      tf.nest.map_structure(lambda t: t.numpy(), fn(x))
-    times = []
-    for _ in range(steps):
-      start = time.perf_counter()
-      tf.nest.map_structure(lambda t: t.numpy(), fn(x))
-      times.append(time.perf_counter() - start)
-    return float(np.median(times))
+      call()
+    calls.append(call)
+  return tuple(calls)
 
-  return median(forward_backward) - median(forward)
+
+def machine():
+  """CPU model, core count, load, TensorFlow / Keras versions and oneDNN setting."""
+  model = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as cpuinfo:
+      names = [
+          line.split(":", 1)[1].strip()
+          for line in cpuinfo
+          if line.startswith("model name")
+      ]
+    model = names[0] if names else model
+  except OSError:
+    pass
+  onednn = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
+  onednn = (
+      f"TF_ENABLE_ONEDNN_OPTS={onednn}"
+      if onednn is not None
+      else "TF_ENABLE_ONEDNN_OPTS unset (TF's default: on for x86-64 builds)"
+  )
+  load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
+  return (
+      f"CPU {model}, {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} usable), "
+      f"load average {load}; TF {tf.__version__}, Keras {keras.__version__}, {onednn}"
+  )
 
 
 def build(cls, margin):
@@ -156,6 +200,10 @@ def build(cls, margin):
   return model
 
 
+def spread(values):
+  return f"{min(values):5.2f} / {np.median(values):5.2f} / {max(values):5.2f}"
+
+
 def main(_):
   rng = np.random.default_rng(0)
   x = rng.uniform(size=(FLAGS.batch_size, 28, 28, 1)).astype("float32")
@@ -170,29 +218,40 @@ def main(_):
       ("margin k=9", tlm.MarginModel, margin(9)),
       ("original k=9", OriginalFormulation, margin(9)),
   ]
-  times = {}
-  for name, cls, setting in variants:
-    times[name] = median_step_time(build(cls, setting), x, y, FLAGS.steps)
-  backward = activation_backward_time(tf.constant(x), FLAGS.steps)
-  times["floor k=1"] = times["xent"] + backward
-  times["floor k=9"] = times["xent"] + 9 * backward
+  calls = {
+      name: training_step(build(cls, setting), x, y) for name, cls, setting in variants
+  }
+  calls["forward"], calls["forward+backward"] = activation_backward(tf.constant(x))
+  # Round r times every call once, in turn: a change of the machine's load moves
+  # all variants of a round together, and each ratio is taken within its round.
+  rounds = [
+      {name: median_seconds(call, FLAGS.steps) for name, call in calls.items()}
+      for _ in range(FLAGS.repeats)
+  ]
+  for times in rounds:
+    backward = times.pop("forward+backward") - times.pop("forward")
+    times["floor k=1"] = times["xent"] + backward
+    times["floor k=9"] = times["xent"] + 9 * backward
+    times["backward pass"] = backward
+  print(machine())
   print(
-      f"batch {FLAGS.batch_size}, {FLAGS.steps} steps, TF {tf.__version__}, "
-      f"Keras {keras.__version__}, {len(tf.config.list_logical_devices('CPU'))} CPU "
-      f"device(s), jit_compile={FLAGS.jit_compile}"
+      f"batch {FLAGS.batch_size}, {FLAGS.repeats} round(s) of {FLAGS.steps} steps per "
+      f"variant, {len(tf.config.list_logical_devices('CPU'))} CPU device(s), "
+      f"jit_compile={FLAGS.jit_compile}"
   )
-  for name, seconds in times.items():
-    print(
-        f"{name:14s} {seconds * 1e3:8.1f} ms/step   {seconds / times['xent']:5.2f}x xent"
-    )
+  print(f"{'':14s} {'ms/step':>8s}   x xent (min / median / max over rounds)")
+  for name in rounds[0]:
+    seconds = [times[name] for times in rounds]
+    ratios = [times[name] / times["xent"] for times in rounds]
+    print(f"{name:14s} {np.median(seconds) * 1e3:8.1f}   {spread(ratios)}")
   print(
-      f"activation-only backward pass: {backward * 1e3:.1f} ms "
-      f"({backward / times['xent']:.2f}x xent)"
+      "backward pass: one activation-only backward pass (logits to the margin layers)"
   )
   for k in (1, 9):
+    speedups = [times[f"original k={k}"] / times[f"margin k={k}"] for times in rounds]
     print(
-        f"k={k}: margin step is {times[f'original k={k}'] / times[f'margin k={k}']:.2f}x "
-        "faster than the original formulation"
+        f"k={k}: margin step is {spread(speedups)}x faster than the original "
+        "formulation"
     )
 
 
