@@ -5,7 +5,9 @@ r"""Tables, figures and verdicts of the paper's MNIST experiments, from data.
 Reads ``<out_dir>/cells.jsonl`` (written by `reproduce_mnist.py`, whose flags this
 script shares) and writes ``<out_dir>/report.md`` and one figure per task,
 ``<out_dir>/<task>.png`` (the paper's axes: Fig. 2 right, test accuracy against the
-training-set size; Fig. 2 left, against the fraction of noisy labels).
+training-set size; Fig. 2 left, against the fraction of noisy labels; Fig. 3,
+adversarial accuracy against the l_inf radius epsilon, white-box and black-box
+FGSM / iterative FGSM).
 
 For each (task, point, method) the gamma is the one with the best validation
 accuracy at --search_seed (as the driver chose it); a table entry is the mean ±
@@ -15,7 +17,8 @@ flipped labels, same initialisation) and given with its 95 % Student-t interval.
 
 A claim of the paper is *reproduced* if the interval lies above 0 and the mean
 difference is at least 70 % of the paper's, *partly* if the interval lies above 0
-but the difference is smaller, and *not* otherwise.
+but the difference is smaller, and *not* otherwise. The robustness claims have no
+size in the paper's text (only its Fig. 3 curves): their verdict is on the sign.
 """
 
 import collections
@@ -44,6 +47,16 @@ CLAIMS = (
      "68 examples: all-layer linf margin beats cross-entropy by 3.7 points"),
     ("noisy_labels", "0.8", "margin_all_l2", "xent", 2.5,
      "80 % noisy labels: all-layer l2 margin 96.4 % vs cross-entropy 93.9 %"),
+)
+# Fig. 3: the all-layer linf margin model is more robust than cross-entropy, at
+# every epsilon > 0 of white-box and black-box FGSM / iterative FGSM; checked at
+# these radii (the sign only).
+ROBUSTNESS_CLAIM_EPSILONS = ("0.1", "0.2")
+ATTACKS = (
+    ("white_box", "fgsm", "white-box FGSM"),
+    ("white_box", "iterative_fgsm", "white-box iterative FGSM"),
+    ("black_box", "fgsm", "black-box FGSM"),
+    ("black_box", "iterative_fgsm", "black-box iterative FGSM"),
 )
 # The same comparisons with the logit score (beyond the paper).
 LOGIT_VARIANTS = {"margin_all": "margin_all_logits", "margin_all_l2": "margin_all_logits_l2"}
@@ -80,6 +93,8 @@ def select(records, search_seed):
   gamma with the best validation accuracy among the --search_seed records."""
   by_key = collections.defaultdict(list)
   for record in records.values():
+    if record["task"] not in reproduce_mnist.TASKS:
+      continue
     by_key[record["task"], record["point"], record["method"]].append(record)
   selected = {}
   for key, group in by_key.items():
@@ -120,7 +135,8 @@ def format_difference(result):
 
 
 def verdict(result, paper_difference):
-  """reproduced / partly / not (with the reason), as the module docstring says."""
+  """reproduced / partly / not (with the reason), as the module docstring says;
+  ``paper_difference`` None: the sign only."""
   if result is None:
     return "not run"
   mean, half, n = result
@@ -128,6 +144,8 @@ def verdict(result, paper_difference):
     return "open (1 seed)"
   if mean - half <= 0:
     return "not (the interval includes 0)" if mean + half > 0 else "not (margin is worse)"
+  if paper_difference is None:
+    return "reproduced (sign; no size in the paper's text)"
   return "reproduced" if mean >= 0.7 * paper_difference else "partly (sign only)"
 
 
@@ -201,7 +219,7 @@ def _format_layers(values, spec):
   return ", ".join(f"{k} {spec.format(v)}" for k, v in values.items()) or "–"
 
 
-def claims_table(selected):
+def claims_table(selected, robustness):
   lines = ["### The paper's claims", "",
            "| claim | score | measured difference [95 %] | verdict |", "|---|---|---|---|"]
   for task, point, method, baseline, paper, text in CLAIMS:
@@ -210,7 +228,122 @@ def claims_table(selected):
       result = difference(selected, task, point, variant, baseline)
       lines.append(f"| {text} | {score} | {format_difference(result)} | "
                    f"{verdict(result, paper)} |")
+  if robustness:
+    for box, attack, title in ATTACKS:
+      for epsilon in ROBUSTNESS_CLAIM_EPSILONS:
+        for variant, score in (("margin_all", "probabilities (paper)"),
+                               ("margin_all_logits", "logits")):
+          result = robust_difference(robustness, variant, "xent", box, attack, epsilon)
+          lines.append(f"| {title}, epsilon {epsilon}: all-layer linf margin more accurate "
+                       f"than cross-entropy | {score} | {format_difference(result)} | "
+                       f"{verdict(result, None)} |")
   return "\n".join(lines)
+
+
+def robustness_cells(records):
+  """{method: {seed: record}} of the --task=robustness records."""
+  cells = collections.defaultdict(dict)
+  for record in records.values():
+    if record["task"] == reproduce_mnist.ROBUSTNESS:
+      cells[record["method"]][record["seed"]] = record
+  return dict(cells)
+
+
+def robust_accuracies(cells, box, attack, epsilon):
+  """{seed: accuracy in %} of one attack (box "certified": the certified accuracy)."""
+  accuracy = {}
+  for seed, record in cells.items():
+    curve = record.get(box) if box == "certified" else (record.get(box) or {}).get(attack)
+    if curve and epsilon in curve:
+      accuracy[seed] = 100 * curve[epsilon]
+  return accuracy
+
+
+def robust_difference(robustness, method, baseline, box, attack, epsilon):
+  """As `difference`, for the accuracies under one attack."""
+  if method not in robustness or baseline not in robustness:
+    return None
+  a = robust_accuracies(robustness[method], box, attack, epsilon)
+  b = robust_accuracies(robustness[baseline], box, attack, epsilon)
+  seeds = sorted(set(a) & set(b))
+  if not seeds:
+    return None
+  mean, half = paired_interval([a[s] - b[s] for s in seeds])
+  return mean, half, len(seeds)
+
+
+def robustness_epsilons(robustness):
+  return sorted({e for cells in robustness.values() for r in cells.values()
+                 for e in (r.get("certified") or r["white_box"]["fgsm"])}, key=float)
+
+
+def robustness_tables(robustness):
+  """The markdown of the robustness task: accuracy per attack and epsilon."""
+  order = list(reproduce_mnist.METHODS)
+  methods = sorted(robustness, key=order.index)
+  epsilons = robustness_epsilons(robustness)
+  first = next(iter(robustness[methods[0]].values()))
+  lines = [
+      "### Fig. 3: robustness", "",
+      f"Models of the noisy_labels task at point {first['point']} (clean labels, each "
+      "method at its chosen gamma); the first "
+      f"{first['num_examples']} test images; accuracy (%) under each attack, the worst "
+      f"case over the objectives {', '.join(first['attack_losses'])}; iterative FGSM "
+      f"{first['ifgsm_steps']} steps; black-box examples crafted on the cross-entropy "
+      "model of the next seed; mean ± std over seeds (n).",
+  ]
+  margin_methods = [m for m in methods if reproduce_mnist.is_margin(m)]
+  for box, attack, title in (*ATTACKS, ("certified", None, "certified (IBP)")):
+    lines += ["", f"**{title}**", "",
+              "| epsilon | " + " | ".join(methods) + " | "
+              + " | ".join(f"{m} − xent" for m in margin_methods) + " |",
+              "|---" * (1 + len(methods) + len(margin_methods)) + "|"]
+    for epsilon in epsilons:
+      row = []
+      for method in methods:
+        values = list(robust_accuracies(robustness[method], box, attack, epsilon).values())
+        if values:
+          mean, std = mean_std(values)
+          row.append(f"{mean:.1f} ± {std:.1f} ({len(values)})")
+        else:
+          row.append("–")
+      row += [format_difference(robust_difference(robustness, m, "xent", box, attack, epsilon))
+              for m in margin_methods]
+      lines.append(f"| {epsilon} | " + " | ".join(row) + " |")
+  return "\n".join(lines)
+
+
+def plot_robustness(robustness, path):
+  """Fig. 3's panels: accuracy against epsilon per attack, one curve per method."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+
+  matplotlib.use("Agg")
+  from matplotlib import pyplot  # pylint: disable=import-outside-toplevel
+
+  order = list(reproduce_mnist.METHODS)
+  epsilons = robustness_epsilons(robustness)
+  figure, axes = pyplot.subplots(2, 2, figsize=(9, 7), sharex=True, sharey=True)
+  for axis, (box, attack, title) in zip(axes.flat, ATTACKS):
+    for method in sorted(robustness, key=order.index):
+      xs, means, stds = [], [], []
+      for epsilon in epsilons:
+        values = list(robust_accuracies(robustness[method], box, attack, epsilon).values())
+        if values:
+          mean, std = mean_std(values)
+          xs.append(float(epsilon))
+          means.append(mean)
+          stds.append(0.0 if math.isnan(std) else std)
+      axis.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=method)
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+  for axis in axes[1]:
+    axis.set_xlabel("epsilon (l_inf, pixels in [0, 1])")
+  for axis in axes[:, 0]:
+    axis.set_ylabel("accuracy (%)")
+  axes[0, 0].legend(fontsize=8)
+  figure.tight_layout()
+  figure.savefig(path, dpi=100)
+  pyplot.close(figure)
 
 
 def plot(selected, task, path):
@@ -245,13 +378,20 @@ def plot(selected, task, path):
 
 def report(out_dir, search_seed, baselines):
   """Writes report.md and the figures; returns the report's text."""
-  selected = select(reproduce_mnist.read_cells(out_dir), search_seed)
+  records = reproduce_mnist.read_cells(out_dir)
+  selected = select(records, search_seed)
+  robustness = robustness_cells(records)
   tasks = [t for t in reproduce_mnist.TASKS if any(k[0] == t for k in selected)]
-  sections = [claims_table(selected)]
+  sections = [claims_table(selected, robustness)]
   for task in tasks:
     sections.append(task_tables(selected, task, baselines))
     sections.append(f"![{task}]({task}.png)")
     plot(selected, task, os.path.join(out_dir, f"{task}.png"))
+  if robustness:
+    name = reproduce_mnist.ROBUSTNESS
+    sections.append(robustness_tables(robustness))
+    sections.append(f"![{name}]({name}.png)")
+    plot_robustness(robustness, os.path.join(out_dir, f"{name}.png"))
   text = "\n\n".join(sections) + "\n"
   with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as f:
     f.write(text)

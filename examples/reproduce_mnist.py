@@ -33,6 +33,16 @@ Methods (`METHODS`), as the paper's Sec. 4.2:
   Margin methods use TF1 RMSProp without momentum (mnist.py's recipe).
   All: weight decay 5e-4, learning rate x0.1 at 50 % and 75 % of the steps.
 
+Robustness (paper Fig. 3): ``--task=robustness`` evaluates the models that the
+``noisy_labels`` task trained at --robustness_point (0.0: clean labels, 55k
+examples), each method at its chosen gamma, with `examples/evaluate.py` on the
+first --robustness_examples test images: white-box and black-box FGSM / iterative
+FGSM over evaluate.py's epsilons (worst case over its attack objectives, the
+softmax cross-entropy and the logit margin), certified (IBP) accuracy. The
+black-box examples of seed s are crafted on the ``xent`` model of seed s + 1 (an
+independently trained cross-entropy model, as the paper's transfer attacks). One
+record per (method, seed) goes to the same cells.jsonl.
+
 Gamma search: a margin cell with several --gammas first runs every gamma at
 --search_seed; the gamma with the best validation accuracy is then used for the
 other seeds (a cell of another seed waits for its search to finish).
@@ -56,6 +66,7 @@ from absl import logging
 import config as config_lib
 
 TASKS = ("limited_data", "noisy_labels")
+ROBUSTNESS = "robustness"
 PAPER_EPOCHS = 200
 # Gammas searched per (score, norm): an l2 distance is larger than an linf one
 # (the dual norm of the gradient, l2 <= l1), so its logit grid is shifted up.
@@ -110,7 +121,9 @@ SHARED = dict(
     verbose=2,
 )
 
-flags.DEFINE_enum("task", "limited_data", TASKS, "What a point is.")
+flags.DEFINE_enum(
+    "task", "limited_data", (*TASKS, ROBUSTNESS), "What a point is (or robustness)."
+)
 flags.DEFINE_list("points", ["68", "550", "5500"], "Subset sizes or noise fractions.")
 flags.DEFINE_list("methods", ["xent", "hinge", "margin_input", "margin_all"], "Methods.")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds.")
@@ -127,10 +140,15 @@ flags.DEFINE_integer("steps_per_loop", 100, "Steps between validation checks.")
 flags.DEFINE_integer("batch_size", 256, "Batch size (at most the training-set size).")
 flags.DEFINE_string("data_source", "embedded", "As mnist.py's --data_source.")
 flags.DEFINE_string("out_dir", "/tmp/reproduce_mnist", "Runs and cells.jsonl.")
+flags.DEFINE_string(
+    "robustness_point", "0.0", "Noise fraction of the noisy_labels models --task=robustness evaluates."
+)
+flags.DEFINE_integer("robustness_examples", 1000, "Test images of --task=robustness.")
 flags.DEFINE_integer("threads", 0, "TensorFlow threads per run (0: TensorFlow's default).")
 FLAGS = flags.FLAGS
 
 MNIST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mnist.py")
+EVALUATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "evaluate.py")
 CELLS_FILE = "cells.jsonl"
 NUM_TRAIN = 55000
 
@@ -276,6 +294,19 @@ def record_of(cell, task, method, point, seed, gamma, settings, num_examples, re
   )
 
 
+def run_logged(command, run_dir):
+  """Runs ``command`` with --threads, its output appended to <run_dir>/log.txt."""
+  env = dict(os.environ)
+  if FLAGS.threads:
+    env.update(
+        TF_NUM_INTRAOP_THREADS=str(FLAGS.threads),
+        TF_NUM_INTEROP_THREADS=str(FLAGS.threads),
+        OMP_NUM_THREADS=str(FLAGS.threads),
+    )
+  with open(os.path.join(run_dir, "log.txt"), "a", encoding="utf-8") as log:
+    subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, check=True)
+
+
 def run_cell(task, method, point, seed, gamma):
   """Trains one cell (unless it is done or claimed); returns True if it ran."""
   cell = cell_name(task, method, point, seed, gamma)
@@ -290,16 +321,8 @@ def run_cell(task, method, point, seed, gamma):
         f"--model_dir={run_dir}",
         *config_lib.to_argv(settings),
     ]
-    env = dict(os.environ)
-    if FLAGS.threads:
-      env.update(
-          TF_NUM_INTRAOP_THREADS=str(FLAGS.threads),
-          TF_NUM_INTEROP_THREADS=str(FLAGS.threads),
-          OMP_NUM_THREADS=str(FLAGS.threads),
-      )
     start = time.time()
-    with open(os.path.join(run_dir, "log.txt"), "a", encoding="utf-8") as log:
-      subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, check=True)
+    run_logged(command, run_dir)
     with open(os.path.join(run_dir, "results.json"), encoding="utf-8") as f:
       results = json.load(f)
     append_cell(
@@ -352,12 +375,88 @@ def pending_cells(done):
   return runnable, waiting
 
 
+def trained_cell(done, method, seed):
+  """The noisy_labels record of ``method`` at --robustness_point, ``seed`` and its
+  chosen gamma (ValueError if it has not been trained)."""
+  task, point = TASKS[1], FLAGS.robustness_point
+  searched = len(gammas(method)) > 1
+  gamma = chosen_gamma(done, task, method, point) if searched else None
+  record = None if searched and gamma is None else done.get(
+      cell_name(task, method, point, seed, gamma))
+  if record is None:
+    raise ValueError(
+        f"--task=robustness needs the trained {task} cells of {method} at point "
+        f"{point}, seed {seed} (and its gamma search): run --task={task} "
+        f"--points={point} first.")
+  return record
+
+
+def robustness_record(cell, method, seed, model, source, evaluation):
+  """The cells.jsonl record of one model's eval.json entry."""
+  (result,) = evaluation["models"].values()
+  keys = ("clean_accuracy", "white_box", "black_box", "certified", "zero_gradient_fraction")
+  return dict(
+      cell=cell,
+      task=ROBUSTNESS,
+      method=method,
+      point=FLAGS.robustness_point,
+      seed=int(seed),
+      gamma=model["gamma"],
+      model_cell=model["cell"],
+      source_cell=source["cell"],
+      num_examples=evaluation["num_examples"],
+      ifgsm_steps=evaluation["ifgsm_steps"],
+      attack_losses=evaluation["attack_losses"],
+      **{k: result.get(k) for k in keys},
+  )
+
+
+def run_robustness(done):
+  """Evaluates every (method, seed) of --task=robustness not yet in cells.jsonl."""
+  seeds = [int(s) for s in FLAGS.seeds]
+  for method in FLAGS.methods:
+    for seed in seeds:
+      cell = f"{ROBUSTNESS}/{method}/{FLAGS.robustness_point}_seed={seed}"
+      if cell in done:
+        continue
+      model = trained_cell(done, method, seed)
+      source = trained_cell(done, "xent", seeds[(seeds.index(seed) + 1) % len(seeds)])
+      run_dir = os.path.join(FLAGS.out_dir, "runs", cell)
+      if not claim(run_dir):
+        continue
+      try:
+        start = time.time()
+        run_logged([
+            sys.executable,
+            EVALUATE,
+            f"--model={model_path(model)}",
+            f"--source_model={model_path(source)}",
+            f"--data_source={FLAGS.data_source}",
+            f"--num_examples={FLAGS.robustness_examples}",
+            "--deepfool_steps=0",
+            f"--output_dir={run_dir}",
+        ], run_dir)
+        with open(os.path.join(run_dir, "eval.json"), encoding="utf-8") as f:
+          evaluation = json.load(f)
+        append_cell(FLAGS.out_dir, robustness_record(cell, method, seed, model, source, evaluation))
+        logging.info("%s: %.0f s", cell, time.time() - start)
+      finally:
+        os.remove(os.path.join(run_dir, "claim"))
+
+
+def model_path(record):
+  return os.path.join(FLAGS.out_dir, "runs", record["cell"], "model.keras")
+
+
 def main(_):
   for method in FLAGS.methods:
     method_settings(method)
+  os.makedirs(FLAGS.out_dir, exist_ok=True)
+  if FLAGS.task == ROBUSTNESS:
+    run_robustness(read_cells(FLAGS.out_dir))
+    return
   for point in FLAGS.points:
     point_settings(FLAGS.task, point)
-  os.makedirs(FLAGS.out_dir, exist_ok=True)
   while True:
     runnable, waiting = pending_cells(read_cells(FLAGS.out_dir))
     if not runnable and not waiting:

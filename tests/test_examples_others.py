@@ -235,6 +235,72 @@ def test_reproduce_mnist_search_records_and_report(reproduce_mnist, monkeypatch,
   assert (tmp_path / "report.md").read_text() == text
 
 
+def fake_evaluate(calls, train):
+  """Stand-in for the processes of --task=robustness: mnist.py as `fake_mnist`,
+  evaluate.py writes an eval.json whose accuracies depend on the model's method
+  and seed (margin_all: +10 points under every attack but white-box iterative
+  FGSM, where it is -15, -5, +5 points at seeds 0, 1, 2)."""
+
+  def run_(command, **kwargs):
+    if not command[1].endswith("evaluate.py"):
+      return train(command, **kwargs)
+    values = dict(f.lstrip("-").split("=", 1) for f in command[2:])
+    calls.append(values)
+    model = values["model"]
+    seed = int(model.split("seed=")[1][0])
+    bonus = 0.1 if "/margin_all/" in model else 0.0
+    def curve(extra=0.0):
+      return {e: 0.9 - float(e) + 0.01 * seed + extra for e in ("0.0", "0.1", "0.2")}
+    fgsm_ifgsm = dict(fgsm=curve(bonus), iterative_fgsm=curve(bonus * (seed - 1.5)))
+    result = dict(clean_accuracy=0.99, white_box=fgsm_ifgsm, black_box=fgsm_ifgsm,
+                  certified=curve(), zero_gradient_fraction=dict(xent=0.0))
+    evaluation = dict(num_examples=int(values["num_examples"]), ifgsm_steps=10,
+                      attack_losses=["xent", "logit_margin"], models={"m": result})
+    with open(os.path.join(values["output_dir"], "eval.json"), "w") as f:
+      json.dump(evaluation, f)
+
+  return run_
+
+
+def test_reproduce_mnist_robustness(reproduce_mnist, monkeypatch, tmp_path):
+  calls = []
+  monkeypatch.setattr(reproduce_mnist.subprocess, "run",
+                      fake_evaluate(calls, fake_mnist([])))
+  flags = [f"--out_dir={tmp_path}", "--methods=xent,margin_all", "--seeds=0,1,2",
+           "--robustness_examples=100"]
+  reproduce_mnist.FLAGS(["reproduce_mnist.py", "--task=robustness", *flags])
+  with pytest.raises(ValueError, match="needs the trained noisy_labels cells of xent"):
+    reproduce_mnist.main(None)
+  reproduce_mnist.FLAGS.unparse_flags()
+  reproduce_mnist.FLAGS(["reproduce_mnist.py", "--task=noisy_labels", "--points=0.0", *flags])
+  reproduce_mnist.main(None)
+  reproduce_mnist.FLAGS.unparse_flags()
+  reproduce_mnist.FLAGS(["reproduce_mnist.py", "--task=robustness", *flags])
+  reproduce_mnist.main(None)
+  # Each method at its chosen gamma (1000); black-box examples from the next seed's xent.
+  pairs = {(os.path.relpath(c["model"], tmp_path), os.path.relpath(c["source_model"], tmp_path))
+           for c in calls}
+  assert ("runs/noisy_labels/margin_all/0.0_gamma=1000_seed=2/model.keras",
+          "runs/noisy_labels/xent/0.0_seed=0/model.keras") in pairs
+  assert len(calls) == 6 and {c["num_examples"] for c in calls} == {"100"}
+  record = reproduce_mnist.read_cells(str(tmp_path))["robustness/margin_all/0.0_seed=1"]
+  assert record["gamma"] == 1000 and record["source_cell"] == "noisy_labels/xent/0.0_seed=2"
+  calls.clear()
+  reproduce_mnist.main(None)
+  assert not calls  # Done.
+
+  text = reproduce_mnist.paper_report.report(str(tmp_path), 0, ["xent"])
+  rows = [line for line in text.split("\n") if line.startswith("| white-box FGSM, epsilon 0.1")]
+  assert "+10.00 [+10.00, +10.00]" in rows[0]
+  assert rows[0].endswith("| reproduced (sign; no size in the paper's text) |")
+  ifgsm = [line for line in text.split("\n")
+           if line.startswith("| white-box iterative FGSM, epsilon 0.2")][0]
+  assert "-5.00 [-29.84, +19.84]" in ifgsm and ifgsm.endswith("not (the interval includes 0) |")
+  # Table: xent at epsilon 0.1 is 80 + seed points.
+  assert "| 0.1 | 81.0 ± 1.0 (3) | 91.0 ± 1.0 (3) | +10.00 [+10.00, +10.00] |" in text
+  assert (tmp_path / "robustness.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_reproduce_mnist_rejects_unknown_methods_and_points(reproduce_mnist, tmp_path):
   reproduce_mnist.FLAGS(["reproduce_mnist.py", f"--out_dir={tmp_path}",
                          "--methods=xent,margin_everything"])
