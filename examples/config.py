@@ -128,6 +128,11 @@ class RunConfig:
       4.0, "Distances are clipped below at gamma * (1 - alpha_factor)."
   )
   top_k: int = _setting(1, "Competing classes per example.")
+  worst_case_loss: bool = _setting(
+      True,
+      "Only the smallest distance over the top-k classes counts (the original); "
+      "false: the penalties of the k classes are summed.",
+  )
   dist_norm: float = _setting(
       math.inf, "Norm of the distances: 1, 2 or inf.", kind="norm"
   )

@@ -29,7 +29,12 @@ Methods (`METHODS`), as the paper's Sec. 4.2:
                      margin vs xent_rmsprop is the margin term's own effect).
   <margin>_k9        the same with all 9 other classes (top_k 9, the paper's
                      setting; the released config has 1).
-  <margin>_l2        the same with l2 distances (the paper's noisy-label models).
+  <margin>_k9sum     all 9 other classes, their penalties summed
+                     (worst_case_loss=False) instead of the smallest distance's.
+  <margin>_a1        alpha_factor 1 (the released config has 4): distances
+                     clipped below at 0, misclassified examples add no gradient.
+  <margin>_l2[_k9[sum]|_a1]  the same with l2 distances (the paper's noisy-label
+                     models).
   Margin methods use TF1 RMSProp without momentum (mnist.py's recipe).
   All: weight decay 5e-4, learning rate x0.1 at 50 % and 75 % of the steps.
 
@@ -107,9 +112,20 @@ METHODS = {
     # separates the margin term's effect from the optimizer's.
     "xent_rmsprop": dict(_MARGIN, loss="xent"),
 }
-_MARGIN_METHODS = [name for name in METHODS if name.startswith("margin")]
-METHODS.update({f"{name}_k9": dict(METHODS[name], top_k=9) for name in _MARGIN_METHODS})
-METHODS.update({f"{name}_l2": dict(METHODS[name], dist_norm="2") for name in _MARGIN_METHODS})
+_CLASSES = {
+    "": {},
+    "_k9": dict(top_k=9),
+    "_k9sum": dict(top_k=9, worst_case_loss=False),
+    # Distances clipped below at 0 (not -3 gamma): a misclassified example (d < 0)
+    # adds a constant, no gradient.
+    "_a1": dict(alpha_factor=1.0),
+}
+for _name in [name for name in METHODS if name.startswith("margin")]:
+  for _norm_suffix, _norm in (("", {}), ("_l2", dict(dist_norm="2"))):
+    for _classes_suffix, _classes in _CLASSES.items():
+      METHODS[f"{_name}{_norm_suffix}{_classes_suffix}"] = dict(
+          METHODS[_name], **_norm, **_classes
+      )
 # What every cell shares (flags of mnist.py), whatever the method.
 SHARED = dict(
     num_validation=5000,

@@ -242,6 +242,7 @@ def make_margin(config):
       gamma=config.gamma,
       alpha_factor=config.alpha_factor,
       top_k=config.top_k,
+      worst_case_loss=config.worst_case_loss,
       dist_norm=config.dist_norm,
       epsilon=config.margin_epsilon,
       score=config.margin_score,

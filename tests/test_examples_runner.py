@@ -129,6 +129,9 @@ def test_margin_setting_and_compiled_loss():
   margin = runner.make_margin(config)
   assert isinstance(margin, tlm.LayerMargin)
   assert (margin.gamma, margin.dist_norm) == (2.0, 2)
+  assert (margin.top_k, margin.worst_case_loss) == (1, True)  # the original's
+  summed = runner.make_margin(config.replace(top_k=9, worst_case_loss=False))
+  assert (summed.top_k, summed.worst_case_loss) == (9, False)
   assert runner.make_loss(config) is None  # the margin alone
   xent = runner.make_loss(config.replace(xent_weight=0.5))
   assert isinstance(xent, keras.losses.SparseCategoricalCrossentropy)
