@@ -298,7 +298,11 @@ def test_reproduce_mnist_robustness(reproduce_mnist, monkeypatch, tmp_path):
   assert "-5.00 [-29.84, +19.84]" in ifgsm and ifgsm.endswith("not (the interval includes 0) |")
   # Table: xent at epsilon 0.1 is 80 + seed points.
   assert "| 0.1 | 81.0 ± 1.0 (3) | 91.0 ± 1.0 (3) | +10.00 [+10.00, +10.00] |" in text
+  # A gain of a fraction of a point (a few images) is not a reproduction.
+  verdict = reproduce_mnist.paper_report.verdict
+  assert verdict((0.5, 0.1, 3), None) == "not (below 1 point)"
   assert (tmp_path / "robustness.png").read_bytes()[:4] == b"\x89PNG"
+
 
 
 def test_reproduce_mnist_rejects_unknown_methods_and_points(reproduce_mnist, tmp_path):
