@@ -227,9 +227,9 @@ def test_reproduce_mnist_search_records_and_report(reproduce_mnist, monkeypatch,
   assert f"| 550 | {np.mean(accuracies):.2f} ± {np.std(accuracies, ddof=1):.2f} (3) |" in text
   # The claim at 68: +2.x points against the paper's 3.7 with a tight interval.
   claim_68 = [line for line in text.split("\n") if "by 3.7 points" in line]
-  assert "| probabilities (paper) | +2." in claim_68[0]
+  assert "| probabilities, k=1 (released config) | +2." in claim_68[0]
   assert claim_68[0].endswith("| partly (sign only) |")
-  assert "| logits | +5." in claim_68[1] and claim_68[1].endswith("| reproduced |")
+  assert "| logits, k=1 | +5." in claim_68[1] and claim_68[1].endswith("| reproduced |")
   assert "80 % noisy labels" in text and "not run" in text
   assert (tmp_path / "limited_data.png").read_bytes()[:4] == b"\x89PNG"
   assert (tmp_path / "report.md").read_text() == text
