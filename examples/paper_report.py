@@ -1,13 +1,14 @@
 r"""Tables, figures and verdicts of the paper's MNIST experiments, from data.
 
-  python examples/paper_report.py --out_dir=results/paper
+  python examples/paper_report.py --out_dir=results/paper --readme=README.md
 
 Reads ``<out_dir>/cells.jsonl`` (written by `reproduce_mnist.py`, whose flags this
 script shares) and writes ``<out_dir>/report.md`` and one figure per task,
 ``<out_dir>/<task>.png`` (the paper's axes: Fig. 2 right, test accuracy against the
 training-set size; Fig. 2 left, against the fraction of noisy labels; Fig. 3,
 adversarial accuracy against the l_inf radius epsilon, white-box and black-box
-FGSM / iterative FGSM).
+FGSM / iterative FGSM). With --readme, the marked table blocks of that file are
+replaced, so a README's numbers come from the same data.
 
 For each (task, point, method) the gamma is the one with the best validation
 accuracy at --search_seed (as the driver chose it); a table entry is the mean ±
@@ -25,6 +26,7 @@ with at least SIGN_ONLY_MINIMUM points (10 of 1,000 test images) for *reproduced
 import collections
 import math
 import os
+import re
 
 from absl import app
 from absl import flags
@@ -36,18 +38,27 @@ flags.DEFINE_list(
     ["xent", "xent_rmsprop"],
     "Methods the margin methods are compared with (paired by seed).",
 )
+flags.DEFINE_string(
+    "readme", "",
+    "A markdown file whose `<!-- paper_report:NAME -->` ... `<!-- /paper_report:NAME -->` "
+    "blocks (NAME: claims, limited_data, noisy_labels, robustness) are replaced by the tables.")
 FLAGS = flags.FLAGS
 
 # Two-sided 95 % Student-t quantiles, t_{0.975}(df), for df = 1 .. 10.
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
 
 # The paper's claims (Elsayed et al. 2018, Fig. 2): (task, point, method,
-# baseline, paper's difference in accuracy points, what the paper says).
+# baseline, paper's difference in accuracy points or None where the paper's text
+# gives no number (the sign only, read off the figure), what the paper says).
 CLAIMS = (
     ("limited_data", "68", "margin_all", "xent", 3.7,
      "68 examples: all-layer linf margin beats cross-entropy by 3.7 points"),
     ("noisy_labels", "0.8", "margin_all_l2", "xent", 2.5,
      "80 % noisy labels: all-layer l2 margin 96.4 % vs cross-entropy 93.9 %"),
+) + tuple(
+    ("noisy_labels", point, "margin_all_l2", "xent", None,
+     f"{percent} % noisy labels: all-layer l2 margin above cross-entropy (Fig. 2 left)")
+    for point, percent in (("0.2", 20), ("0.4", 40), ("0.6", 60))
 )
 # Fig. 3: the all-layer linf margin model is more robust than cross-entropy, at
 # every epsilon > 0 of white-box and black-box FGSM / iterative FGSM; checked at
@@ -175,12 +186,10 @@ def methods_of(selected, task):
   return sorted({m for t, _, m in selected if t == task}, key=order.index)
 
 
-def task_tables(selected, task, baselines):
-  """The markdown of one task: accuracies, paired differences, cell details."""
+def accuracy_table(selected, task):
+  """Test accuracy (%) per point and method, mean ± std over seeds (n)."""
   points, methods = points_of(selected, task), methods_of(selected, task)
-  lines = [f"### {AXES[task][1]}", "", "Test accuracy (%), mean ± std over seeds (n):", ""]
-  lines.append("| point | " + " | ".join(methods) + " |")
-  lines.append("|---" * (len(methods) + 1) + "|")
+  lines = ["| point | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
   for point in points:
     row = []
     for method in methods:
@@ -191,26 +200,28 @@ def task_tables(selected, task, baselines):
       mean, std = mean_std(accuracies(cells))
       row.append(f"{mean:.2f} ± {std:.2f} ({len(cells)})")
     lines.append(f"| {point} | " + " | ".join(row) + " |")
-  margin_methods = [m for m in methods if reproduce_mnist.is_margin(m)]
-  for baseline in baselines:
-    if not any((task, p, baseline) in selected for p in points):
-      continue
-    lines += ["", f"Paired difference margin − {baseline} (points), mean [95 % interval]:", ""]
-    lines.append("| point | " + " | ".join(margin_methods) + " |")
-    lines.append("|---" * (len(margin_methods) + 1) + "|")
-    for point in points:
-      row = [format_difference(difference(selected, task, point, m, baseline))
-             for m in margin_methods]
-      lines.append(f"| {point} | " + " | ".join(row) + " |")
-  lines += ["", "Cells: gamma (chosen on validation), steps, batch, epochs (% of the paper's "
-            f"{reproduce_mnist.PAPER_EPOCHS}), fraction of training examples on which the margin "
-            "term is active (gamma(1-alpha) < d < gamma; mean over checks and seeds) and median "
-            "distance at the end, per layer:", ""]
-  lines.append("| point | method | gamma | steps | batch | epochs | active fraction | "
-               "median distance |")
-  lines.append("|---" * 8 + "|")
+  return "\n".join(lines)
+
+
+def difference_table(selected, task, baseline):
+  """The paired difference of every margin method to `baseline` per point."""
+  points = points_of(selected, task)
+  margin_methods = [m for m in methods_of(selected, task) if reproduce_mnist.is_margin(m)]
+  lines = ["| point | " + " | ".join(margin_methods) + " |",
+           "|---" * (len(margin_methods) + 1) + "|"]
   for point in points:
-    for method in methods:
+    row = [format_difference(difference(selected, task, point, m, baseline))
+           for m in margin_methods]
+    lines.append(f"| {point} | " + " | ".join(row) + " |")
+  return "\n".join(lines)
+
+
+def cells_table(selected, task):
+  """Per (point, method): gamma, steps, batch, epochs, margin activity, distance."""
+  lines = ["| point | method | gamma | steps | batch | epochs | active fraction | "
+           "median distance |", "|---" * 8 + "|"]
+  for point in points_of(selected, task):
+    for method in methods_of(selected, task):
       cells = selected.get((task, point, method))
       if not cells:
         continue
@@ -226,6 +237,20 @@ def task_tables(selected, task, baselines):
   return "\n".join(lines)
 
 
+def task_tables(selected, task, baselines):
+  """The markdown of one task: accuracies, paired differences, cell details."""
+  parts = [f"### {AXES[task][1]}", "Test accuracy (%), mean ± std over seeds (n):",
+           accuracy_table(selected, task)]
+  for baseline in baselines:
+    parts += [f"Paired difference margin − {baseline} (points), mean [95 % interval]:",
+              difference_table(selected, task, baseline)]
+  parts += ["Cells: gamma (chosen on validation), steps, batch, epochs (% of the paper's "
+            f"{reproduce_mnist.PAPER_EPOCHS}), fraction of training examples on which the margin "
+            "term is active (gamma(1-alpha) < d < gamma; mean over checks and seeds) and median "
+            "distance at the end, per layer:", cells_table(selected, task)]
+  return "\n\n".join(parts)
+
+
 def _layer_means(dicts):
   layers = [k for k in dicts[0]] if dicts else []
   return {k: sum(d[k] for d in dicts) / len(dicts) for k in layers if all(k in d for d in dicts)}
@@ -236,8 +261,8 @@ def _format_layers(values, spec):
 
 
 def claims_table(selected, robustness):
-  lines = ["### The paper's claims", "",
-           "| claim | variant | measured difference [95 %] | verdict |", "|---|---|---|---|"]
+  """One row per (claim, variant): the paired difference and its verdict."""
+  lines = ["| claim | variant | measured difference [95 %] | verdict |", "|---|---|---|---|"]
   for task, point, method, baseline, paper, text in CLAIMS:
     for variant, score in CLAIM_VARIANTS[method]:
       result = difference(selected, task, point, variant, baseline)
@@ -298,7 +323,6 @@ def robustness_tables(robustness):
   """The markdown of the robustness task: accuracy per attack and epsilon."""
   order = list(reproduce_mnist.METHODS)
   methods = sorted(robustness, key=order.index)
-  epsilons = robustness_epsilons(robustness)
   first = next(iter(robustness[methods[0]].values()))
   lines = [
       "### Fig. 3: robustness", "",
@@ -309,7 +333,16 @@ def robustness_tables(robustness):
       f"{first['ifgsm_steps']} steps; black-box examples crafted on the cross-entropy "
       "model of the next seed; mean ± std over seeds (n).",
   ]
+  return "\n".join(lines) + "\n\n" + attack_tables(robustness)
+
+
+def attack_tables(robustness):
+  """Accuracy per epsilon and method, and margin − xent, for each attack."""
+  order = list(reproduce_mnist.METHODS)
+  methods = sorted(robustness, key=order.index)
+  epsilons = robustness_epsilons(robustness)
   margin_methods = [m for m in methods if reproduce_mnist.is_margin(m)]
+  lines = []
   for box, attack, title in (*ATTACKS, ("certified", None, "certified (IBP)")):
     lines += ["", f"**{title}**", "",
               "| epsilon | " + " | ".join(methods) + " | "
@@ -327,7 +360,7 @@ def robustness_tables(robustness):
       row += [format_difference(robust_difference(robustness, m, "xent", box, attack, epsilon))
               for m in margin_methods]
       lines.append(f"| {epsilon} | " + " | ".join(row) + " |")
-  return "\n".join(lines)
+  return "\n".join(lines[1:])
 
 
 def plot_robustness(robustness, path):
@@ -399,7 +432,7 @@ def report(out_dir, search_seed, baselines):
   selected = select(records, search_seed)
   robustness = robustness_cells(records)
   tasks = [t for t in reproduce_mnist.TASKS if any(k[0] == t for k in selected)]
-  sections = [claims_table(selected, robustness)]
+  sections = ["### The paper's claims\n\n" + claims_table(selected, robustness)]
   for task in tasks:
     sections.append(task_tables(selected, task, baselines))
     sections.append(f"![{task}]({task}.png)")
@@ -415,8 +448,53 @@ def report(out_dir, search_seed, baselines):
   return text
 
 
+README_BLOCK = re.compile(
+    r"(<!-- paper_report:(?P<name>[a-z_]+) -->\n)(?:.*?\n)?(<!-- /paper_report:(?P=name) -->)",
+    re.DOTALL)
+
+
+def readme_blocks(out_dir, search_seed):
+  """{name: markdown} of the tables a README embeds: "claims", each task's accuracy
+  and margin − xent tables, "robustness"'s attack tables."""
+  records = reproduce_mnist.read_cells(out_dir)
+  selected = select(records, search_seed)
+  robustness = robustness_cells(records)
+  blocks = {"claims": claims_table(selected, robustness)}
+  for task in AXES:
+    blocks[task] = "\n\n".join([
+        "Test accuracy (%), mean ± std over seeds (n):", accuracy_table(selected, task),
+        "Paired difference margin − xent (points), mean [95 % interval]:",
+        difference_table(selected, task, "xent")])
+  if robustness:
+    blocks[reproduce_mnist.ROBUSTNESS] = attack_tables(robustness)
+  return blocks
+
+
+def update_readme(path, blocks):
+  """Replaces the text between `<!-- paper_report:NAME -->` and
+  `<!-- /paper_report:NAME -->` in `path` by blocks[NAME]; returns the names."""
+  with open(path, encoding="utf-8") as f:
+    text = f.read()
+  names = []
+
+  def replace(match):
+    name = match.group("name")
+    if name not in blocks:
+      raise ValueError(f"{path}: no table {name!r} (tables: {sorted(blocks)})")
+    names.append(name)
+    return match.group(1) + blocks[name] + "\n" + match.group(3)
+
+  text = README_BLOCK.sub(replace, text)
+  with open(path, "w", encoding="utf-8") as f:
+    f.write(text)
+  return names
+
+
 def main(_):
   print(report(FLAGS.out_dir, FLAGS.search_seed, FLAGS.report_baselines))
+  if FLAGS.readme:
+    names = update_readme(FLAGS.readme, readme_blocks(FLAGS.out_dir, FLAGS.search_seed))
+    print(f"{FLAGS.readme}: tables {', '.join(names)} updated")
 
 
 if __name__ == "__main__":

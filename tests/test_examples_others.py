@@ -233,6 +233,19 @@ def test_reproduce_mnist_search_records_and_report(reproduce_mnist, monkeypatch,
   assert "80 % noisy labels" in text and "not run" in text
   assert (tmp_path / "limited_data.png").read_bytes()[:4] == b"\x89PNG"
   assert (tmp_path / "report.md").read_text() == text
+  # --readme: the marked blocks take the same tables, the text around them stays.
+  readme = tmp_path / "README.md"
+  readme.write_text("intro\n<!-- paper_report:claims -->\nold\n<!-- /paper_report:claims -->\n"
+                    "mid\n<!-- paper_report:limited_data -->\n<!-- /paper_report:limited_data -->\n")
+  blocks = reproduce_mnist.paper_report.readme_blocks(str(tmp_path), 0)
+  assert reproduce_mnist.paper_report.update_readme(str(readme), blocks) == [
+      "claims", "limited_data"]
+  updated = readme.read_text()
+  assert "old" not in updated and updated.startswith("intro\n") and "\nmid\n" in updated
+  assert claim_68[0] in updated and f"{mean:+.2f} [{mean - half:+.2f}" in updated
+  readme.write_text("<!-- paper_report:figures -->\n\n<!-- /paper_report:figures -->\n")
+  with pytest.raises(ValueError, match="no table 'figures'"):
+    reproduce_mnist.paper_report.update_readme(str(readme), blocks)
 
 
 def fake_evaluate(calls, train):
