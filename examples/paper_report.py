@@ -336,18 +336,20 @@ def robustness_tables(robustness):
   return "\n".join(lines) + "\n\n" + attack_tables(robustness)
 
 
-def attack_tables(robustness):
-  """Accuracy per epsilon and method, and margin − xent, for each attack."""
+def attack_tables(robustness, baselines=("xent", "xent_rmsprop")):
+  """Accuracy per epsilon and method, and margin − baseline (each baseline that
+  was attacked, paired by seed), for each attack."""
   order = list(reproduce_mnist.METHODS)
   methods = sorted(robustness, key=order.index)
   epsilons = robustness_epsilons(robustness)
-  margin_methods = [m for m in methods if reproduce_mnist.is_margin(m)]
+  pairs = [(m, b) for b in baselines if b in robustness
+           for m in methods if reproduce_mnist.is_margin(m)]
   lines = []
   for box, attack, title in (*ATTACKS, ("certified", None, "certified (IBP)")):
     lines += ["", f"**{title}**", "",
               "| epsilon | " + " | ".join(methods) + " | "
-              + " | ".join(f"{m} − xent" for m in margin_methods) + " |",
-              "|---" * (1 + len(methods) + len(margin_methods)) + "|"]
+              + " | ".join(f"{m} − {b}" for m, b in pairs) + " |",
+              "|---" * (1 + len(methods) + len(pairs)) + "|"]
     for epsilon in epsilons:
       row = []
       for method in methods:
@@ -357,8 +359,8 @@ def attack_tables(robustness):
           row.append(f"{mean:.1f} ± {std:.1f} ({len(values)})")
         else:
           row.append("–")
-      row += [format_difference(robust_difference(robustness, m, "xent", box, attack, epsilon))
-              for m in margin_methods]
+      row += [format_difference(robust_difference(robustness, m, b, box, attack, epsilon))
+              for m, b in pairs]
       lines.append(f"| {epsilon} | " + " | ".join(row) + " |")
   return "\n".join(lines[1:])
 

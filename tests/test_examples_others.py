@@ -279,7 +279,7 @@ def test_reproduce_mnist_robustness(reproduce_mnist, monkeypatch, tmp_path):
   calls = []
   monkeypatch.setattr(reproduce_mnist.subprocess, "run",
                       fake_evaluate(calls, fake_mnist([])))
-  flags = [f"--out_dir={tmp_path}", "--methods=xent,margin_all", "--seeds=0,1,2",
+  flags = [f"--out_dir={tmp_path}", "--methods=xent,xent_rmsprop,margin_all", "--seeds=0,1,2",
            "--robustness_examples=100"]
   reproduce_mnist.FLAGS(["reproduce_mnist.py", "--task=robustness", *flags])
   with pytest.raises(ValueError, match="needs the trained noisy_labels cells of xent"):
@@ -295,7 +295,7 @@ def test_reproduce_mnist_robustness(reproduce_mnist, monkeypatch, tmp_path):
            for c in calls}
   assert ("runs/noisy_labels/margin_all/0.0_gamma=1000_seed=2/model.keras",
           "runs/noisy_labels/xent/0.0_seed=0/model.keras") in pairs
-  assert len(calls) == 6 and {c["num_examples"] for c in calls} == {"100"}
+  assert len(calls) == 9 and {c["num_examples"] for c in calls} == {"100"}
   record = reproduce_mnist.read_cells(str(tmp_path))["robustness/margin_all/0.0_seed=1"]
   assert record["gamma"] == 1000 and record["source_cell"] == "noisy_labels/xent/0.0_seed=2"
   calls.clear()
@@ -309,8 +309,11 @@ def test_reproduce_mnist_robustness(reproduce_mnist, monkeypatch, tmp_path):
   ifgsm = [line for line in text.split("\n")
            if line.startswith("| white-box iterative FGSM, epsilon 0.2")][0]
   assert "-5.00 [-29.84, +19.84]" in ifgsm and ifgsm.endswith("not (the interval includes 0) |")
-  # Table: xent at epsilon 0.1 is 80 + seed points.
-  assert "| 0.1 | 81.0 ± 1.0 (3) | 91.0 ± 1.0 (3) | +10.00 [+10.00, +10.00] |" in text
+  # Table: xent (and xent_rmsprop) at epsilon 0.1 is 80 + seed points; margin_all
+  # compared with both.
+  assert ("| 0.1 | 81.0 ± 1.0 (3) | 91.0 ± 1.0 (3) | 81.0 ± 1.0 (3) | +10.00 [+10.00, +10.00] "
+          "| +10.00 [+10.00, +10.00] |") in text
+  assert "| margin_all − xent | margin_all − xent_rmsprop |" in text
   # A gain of a fraction of a point (a few images) is not a reproduction.
   verdict = reproduce_mnist.paper_report.verdict
   assert verdict((0.5, 0.1, 3), None) == "not (below 1 point)"
