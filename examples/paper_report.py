@@ -237,13 +237,22 @@ def cells_table(selected, task):
   return "\n".join(lines)
 
 
+def accuracy_section(selected, task):
+  return "Test accuracy (%), mean ± std over seeds (n):\n\n" + accuracy_table(selected, task)
+
+
+def difference_sections(selected, task, baselines):
+  """Captioned `difference_table`s, one per baseline that has cells in the task."""
+  return [f"Paired difference margin − {baseline} (points), mean [95 % interval]:\n\n"
+          + difference_table(selected, task, baseline)
+          for baseline in baselines
+          if any(t == task and m == baseline for t, _, m in selected)]
+
+
 def task_tables(selected, task, baselines):
   """The markdown of one task: accuracies, paired differences, cell details."""
-  parts = [f"### {AXES[task][1]}", "Test accuracy (%), mean ± std over seeds (n):",
-           accuracy_table(selected, task)]
-  for baseline in baselines:
-    parts += [f"Paired difference margin − {baseline} (points), mean [95 % interval]:",
-              difference_table(selected, task, baseline)]
+  parts = [f"### {AXES[task][1]}", accuracy_section(selected, task),
+           *difference_sections(selected, task, baselines)]
   parts += ["Cells: gamma (chosen on validation), steps, batch, epochs (% of the paper's "
             f"{reproduce_mnist.PAPER_EPOCHS}), fraction of training examples on which the margin "
             "term is active (gamma(1-alpha) < d < gamma; mean over checks and seeds) and median "
@@ -319,7 +328,7 @@ def robustness_epsilons(robustness):
                  for e in (r.get("certified") or r["white_box"]["fgsm"])}, key=float)
 
 
-def robustness_tables(robustness):
+def robustness_tables(robustness, baselines):
   """The markdown of the robustness task: accuracy per attack and epsilon."""
   order = list(reproduce_mnist.METHODS)
   methods = sorted(robustness, key=order.index)
@@ -333,10 +342,10 @@ def robustness_tables(robustness):
       f"{first['ifgsm_steps']} steps; black-box examples crafted on the cross-entropy "
       "model of the next seed; mean ± std over seeds (n).",
   ]
-  return "\n".join(lines) + "\n\n" + attack_tables(robustness)
+  return "\n".join(lines) + "\n\n" + attack_tables(robustness, baselines)
 
 
-def attack_tables(robustness, baselines=("xent", "xent_rmsprop")):
+def attack_tables(robustness, baselines):
   """Accuracy per epsilon and method, and margin − baseline (each baseline that
   was attacked, paired by seed), for each attack."""
   order = list(reproduce_mnist.METHODS)
@@ -428,11 +437,21 @@ def plot(selected, task, path):
   pyplot.close(figure)
 
 
-def report(out_dir, search_seed, baselines):
-  """Writes report.md and the figures; returns the report's text."""
+def load(out_dir, search_seed):
+  """(selected, robustness) of ``<out_dir>/cells.jsonl``: `select` and
+  `robustness_cells` of its records."""
   records = reproduce_mnist.read_cells(out_dir)
-  selected = select(records, search_seed)
-  robustness = robustness_cells(records)
+  return select(records, search_seed), robustness_cells(records)
+
+
+def report(out_dir, search_seed, baselines):
+  """Writes report.md and the figures of ``<out_dir>/cells.jsonl``; returns the
+  report's text."""
+  return write_report(out_dir, *load(out_dir, search_seed), baselines)
+
+
+def write_report(out_dir, selected, robustness, baselines):
+  """Writes report.md and the figures into `out_dir`; returns the report's text."""
   tasks = [t for t in reproduce_mnist.TASKS if any(k[0] == t for k in selected)]
   sections = ["### The paper's claims\n\n" + claims_table(selected, robustness)]
   for task in tasks:
@@ -441,7 +460,7 @@ def report(out_dir, search_seed, baselines):
     plot(selected, task, os.path.join(out_dir, f"{task}.png"))
   if robustness:
     name = reproduce_mnist.ROBUSTNESS
-    sections.append(robustness_tables(robustness))
+    sections.append(robustness_tables(robustness, baselines))
     sections.append(f"![{name}]({name}.png)")
     plot_robustness(robustness, os.path.join(out_dir, f"{name}.png"))
   text = "\n\n".join(sections) + "\n"
@@ -455,20 +474,16 @@ README_BLOCK = re.compile(
     re.DOTALL)
 
 
-def readme_blocks(out_dir, search_seed):
+def readme_blocks(selected, robustness, baselines):
   """{name: markdown} of the tables a README embeds: "claims", each task's accuracy
-  and margin − xent tables, "robustness"'s attack tables."""
-  records = reproduce_mnist.read_cells(out_dir)
-  selected = select(records, search_seed)
-  robustness = robustness_cells(records)
+  table and its difference table to the first baseline, "robustness"'s attack
+  tables (every baseline)."""
   blocks = {"claims": claims_table(selected, robustness)}
   for task in AXES:
-    blocks[task] = "\n\n".join([
-        "Test accuracy (%), mean ± std over seeds (n):", accuracy_table(selected, task),
-        "Paired difference margin − xent (points), mean [95 % interval]:",
-        difference_table(selected, task, "xent")])
+    blocks[task] = "\n\n".join(
+        [accuracy_section(selected, task), *difference_sections(selected, task, baselines[:1])])
   if robustness:
-    blocks[reproduce_mnist.ROBUSTNESS] = attack_tables(robustness)
+    blocks[reproduce_mnist.ROBUSTNESS] = attack_tables(robustness, baselines)
   return blocks
 
 
@@ -493,9 +508,11 @@ def update_readme(path, blocks):
 
 
 def main(_):
-  print(report(FLAGS.out_dir, FLAGS.search_seed, FLAGS.report_baselines))
+  selected, robustness = load(FLAGS.out_dir, FLAGS.search_seed)
+  print(write_report(FLAGS.out_dir, selected, robustness, FLAGS.report_baselines))
   if FLAGS.readme:
-    names = update_readme(FLAGS.readme, readme_blocks(FLAGS.out_dir, FLAGS.search_seed))
+    blocks = readme_blocks(selected, robustness, FLAGS.report_baselines)
+    names = update_readme(FLAGS.readme, blocks)
     print(f"{FLAGS.readme}: tables {', '.join(names)} updated")
 
 

@@ -237,12 +237,15 @@ def test_reproduce_mnist_search_records_and_report(reproduce_mnist, monkeypatch,
   readme = tmp_path / "README.md"
   readme.write_text("intro\n<!-- paper_report:claims -->\nold\n<!-- /paper_report:claims -->\n"
                     "mid\n<!-- paper_report:limited_data -->\n<!-- /paper_report:limited_data -->\n")
-  blocks = reproduce_mnist.paper_report.readme_blocks(str(tmp_path), 0)
+  blocks = reproduce_mnist.paper_report.readme_blocks(
+      *reproduce_mnist.paper_report.load(str(tmp_path), 0), ["xent"])
   assert reproduce_mnist.paper_report.update_readme(str(readme), blocks) == [
       "claims", "limited_data"]
   updated = readme.read_text()
   assert "old" not in updated and updated.startswith("intro\n") and "\nmid\n" in updated
-  assert claim_68[0] in updated and f"{mean:+.2f} [{mean - half:+.2f}" in updated
+  assert claim_68[0] in updated
+  differences = updated.split("Paired difference margin − xent (points)")[1]
+  assert "| 68 | " in differences and f"{mean:+.2f} [{mean - half:+.2f}" in differences
   readme.write_text("<!-- paper_report:figures -->\n\n<!-- /paper_report:figures -->\n")
   with pytest.raises(ValueError, match="no table 'figures'"):
     reproduce_mnist.paper_report.update_readme(str(readme), blocks)
@@ -302,7 +305,7 @@ def test_reproduce_mnist_robustness(reproduce_mnist, monkeypatch, tmp_path):
   reproduce_mnist.main(None)
   assert not calls  # Done.
 
-  text = reproduce_mnist.paper_report.report(str(tmp_path), 0, ["xent"])
+  text = reproduce_mnist.paper_report.report(str(tmp_path), 0, ["xent", "xent_rmsprop"])
   rows = [line for line in text.split("\n") if line.startswith("| white-box FGSM, epsilon 0.1")]
   assert "+10.00 [+10.00, +10.00]" in rows[0]
   assert rows[0].endswith("| reproduced (sign; no size in the paper's text) |")
