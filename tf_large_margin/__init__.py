@@ -27,8 +27,9 @@ Measuring margins and robustness
                       `norm_balls`: steepest ascent and projection in l_2 / l_inf balls
   `monitor`           `MarginMonitor`, a callback logging margin distributions
 Data, networks and the original recipe
-  `datasets` (file formats in `dataset_files`), `architectures`, `normalization`
-  (TF1 batch norm), `optimizers` (TF1 RMSProp), `regularizers` (TF1 weight decay),
+  `datasets` (file formats in `dataset_files`), `architectures`, `convolution`
+  (`FewChannelConv2D`: a fast input gradient for the margin at the input),
+  `normalization` (TF1 batch norm), `optimizers` (TF1 RMSProp), `regularizers` (TF1 weight decay),
   `original_recipe` (the original MNIST training recipe); `compat` fences the few
   Keras internals the package needs
 """
@@ -39,6 +40,7 @@ from tf_large_margin import architectures
 from tf_large_margin import attacks
 from tf_large_margin import callbacks
 from tf_large_margin import certified
+from tf_large_margin import convolution
 from tf_large_margin import datasets
 from tf_large_margin import hinge_loss
 from tf_large_margin import jacobian
@@ -60,6 +62,7 @@ from tf_large_margin.additive_margin_losses import AMSoftmax
 from tf_large_margin.additive_margin_losses import ArcFace
 from tf_large_margin.additive_margin_losses import CosFace
 from tf_large_margin.callbacks import LambdaScheduler
+from tf_large_margin.convolution import FewChannelConv2D
 from tf_large_margin.hinge_loss import MulticlassHinge
 from tf_large_margin.jacobian import JacobianModel
 from tf_large_margin.layers import CosineHead

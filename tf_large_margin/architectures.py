@@ -2,6 +2,7 @@
 
 import keras
 
+from tf_large_margin.convolution import FewChannelConv2D
 from tf_large_margin.normalization import BatchNormalizationTF1
 
 
@@ -26,7 +27,7 @@ def mnist_cnn(num_classes=10, input_shape=(28, 28, 1), name="mnist_cnn"):
   inputs = keras.Input(input_shape, name="image")
   h = inputs
   for i, filters in enumerate((32, 64)):
-    h = keras.layers.Conv2D(
+    h = FewChannelConv2D(
         filters,
         5,
         padding="same",

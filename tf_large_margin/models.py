@@ -15,6 +15,7 @@ import keras
 import tensorflow as tf
 
 from tf_large_margin import compat
+from tf_large_margin import convolution
 from tf_large_margin import margin_loss
 from tf_large_margin.labels import to_one_hot
 from tf_large_margin.losses import LargeMarginLoss
@@ -129,6 +130,12 @@ class TotalLossStep(compat.MultiWorkerFit):
   def __init__(self, *args, **kwargs):
     super().__init__(*args, **kwargs)
     self.loss_tracker = keras.metrics.Mean(name="loss")
+
+  def compile(self, *args, **kwargs):
+    """`keras.Model.compile`; tells the `FewChannelConv2D` layers whether the steps
+    are compiled with XLA (``jit_compile``, resolved by Keras)."""
+    super().compile(*args, **kwargs)
+    convolution.use_xla_gradients(self, self.jit_compile)
 
   def adds_loss_term(self):
     return True
