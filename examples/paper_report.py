@@ -83,6 +83,11 @@ CLAIM_VARIANTS = {
         ("margin_all_l2_k9", "probabilities, k=9 worst case"),
         ("margin_all_l2_k9sum", "probabilities, k=9 summed"),
         ("margin_all_logits_l2", "logits, k=1"),
+        # The earlier l2 runs, with linf's "size" layer weights (not the original's).
+        ("margin_all_l2size", "probabilities, k=1, size weights"),
+        ("margin_all_l2size_k9", "probabilities, k=9 worst case, size weights"),
+        ("margin_all_l2size_k9sum", "probabilities, k=9 summed, size weights"),
+        ("margin_all_logits_l2size", "logits, k=1, size weights"),
     ),
 }
 

@@ -34,7 +34,12 @@ Methods (`METHODS`), as the paper's Sec. 4.2:
   <margin>_a1        alpha_factor 1 (the released config has 4): distances
                      clipped below at 0, misclassified examples add no gradient.
   <margin>_l2[_k9[sum]|_a1]  the same with l2 distances (the paper's noisy-label
-                     models).
+                     models) and no layer weights, as the original's train.py
+                     (it passes the layer sizes for linf only).
+  <margin>_l1[...]   the same with l1 distances (no layer weights).
+  <margin>_l2size[...]  l2 distances with the "size" weights of linf: how the
+                     l2 cells were run before the original's l2 weights were
+                     matched (kept so that those records name their setting).
   Margin methods use TF1 RMSProp without momentum (mnist.py's recipe).
   All: weight decay 5e-4, learning rate x0.1 at 50 % and 75 % of the steps.
 
@@ -73,13 +78,19 @@ import config as config_lib
 TASKS = ("limited_data", "noisy_labels")
 ROBUSTNESS = "robustness"
 PAPER_EPOCHS = 200
-# Gammas searched per (score, norm): an l2 distance is larger than an linf one
-# (the dual norm of the gradient, l2 <= l1), so its logit grid is shifted up.
+# Gammas searched per (score, norm, layer weights). Without the "size" weights a
+# distance is in the layer's own units (not divided by its size); an l1 distance
+# is larger than an l2 one (the dual norm of the gradient, linf <= l2), so its
+# grids are shifted up.
 SEARCH_GAMMAS = {
-    ("probabilities", "inf"): (1e3, 1e4, 1e5),
-    ("probabilities", "2"): (1e3, 1e4, 1e5),
-    ("logits", "inf"): (30.0, 100.0, 300.0),
-    ("logits", "2"): (100.0, 300.0, 1000.0),
+    ("probabilities", "inf", "size"): (1e3, 1e4, 1e5),
+    ("probabilities", "2", "size"): (1e3, 1e4, 1e5),
+    ("probabilities", "2", "none"): (10.0, 100.0, 1e3, 1e4),
+    ("probabilities", "1", "none"): (100.0, 1e3, 1e4, 1e5),
+    ("logits", "inf", "size"): (30.0, 100.0, 300.0),
+    ("logits", "2", "size"): (100.0, 300.0, 1000.0),
+    ("logits", "2", "none"): (1.0, 10.0, 100.0),
+    ("logits", "1", "none"): (10.0, 100.0, 1000.0),
 }
 ALL_LAYERS = "input,conv0,conv1,fc0,logits"
 
@@ -121,7 +132,12 @@ _CLASSES = {
     "_a1": dict(alpha_factor=1.0),
 }
 for _name in [name for name in METHODS if name.startswith("margin")]:
-  for _norm_suffix, _norm in (("", {}), ("_l2", dict(dist_norm="2"))):
+  for _norm_suffix, _norm in (
+      ("", {}),
+      ("_l2", dict(dist_norm="2", layers_weights="none")),
+      ("_l1", dict(dist_norm="1", layers_weights="none")),
+      ("_l2size", dict(dist_norm="2")),
+  ):
     for _classes_suffix, _classes in _CLASSES.items():
       METHODS[f"{_name}{_norm_suffix}{_classes_suffix}"] = dict(
           METHODS[_name], **_norm, **_classes
@@ -188,7 +204,13 @@ def gammas(method):
   if FLAGS.gammas:
     return [float(g) for g in FLAGS.gammas]
   settings = method_settings(method)
-  return list(SEARCH_GAMMAS[settings.get("margin_score", "probabilities"), settings["dist_norm"]])
+  return list(
+      SEARCH_GAMMAS[
+          settings.get("margin_score", "probabilities"),
+          settings["dist_norm"],
+          settings["layers_weights"],
+      ]
+  )
 
 
 def point_settings(task, point):
