@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 from tf_large_margin.normalization import BatchNormalizationTF1
+from tf_large_margin.normalization import normalization_gradient
 
 
 def test_training_step_normalises_with_biased_and_tracks_unbiased_variance():
@@ -56,3 +57,74 @@ def test_unknown_batch_size_in_a_function(batch):
   np.testing.assert_allclose(
       model.layers[-1].moving_variance.numpy(), x.var(axis=0) * batch / (batch - 1), rtol=1e-5
   )
+
+
+def _batch_norm_by_autodiff(x, gamma, beta, epsilon):
+  """y = gamma (x - mean) / sqrt(var + epsilon) + beta with every statistic
+  differentiated (Keras' moments stop the gradient of the mean inside the
+  variance, which drops a second-order term)."""
+  axes = list(range(len(x.shape) - 1))
+  mean = tf.reduce_mean(x, axis=axes)
+  variance = tf.reduce_mean((x - mean) ** 2, axis=axes)
+  return gamma * (x - mean) / tf.sqrt(variance + epsilon) + beta
+
+
+def _first_and_second_order(forward, x, gamma, dy):
+  """dL/dx, dL/dgamma for L = <y, dy>, and the gradient of S = ||dL/dx||^2 +
+  <dL/dx, x> w.r.t. x and gamma (a margin without the stop-gradient
+  approximation differentiates a gradient norm in the same way)."""
+  with tf.GradientTape(persistent=True) as outer:
+    outer.watch([x, gamma])
+    with tf.GradientTape() as tape:
+      tape.watch([x, gamma])
+      y = forward(x, gamma)
+    dx, dgamma = tape.gradient(y, [x, gamma], output_gradients=dy)
+    second = tf.reduce_sum(dx**2) + tf.reduce_sum(dx * x)
+  return [dx, dgamma, *outer.gradient(second, [x, gamma])]
+
+
+@pytest.mark.parametrize("shape", [(6, 4, 3, 5), (9, 3)])
+def test_training_gradients_to_second_order(shape):
+  rng = np.random.default_rng(len(shape))
+  x = tf.constant(rng.normal(2.0, 3.0, size=shape))
+  dy = tf.constant(rng.normal(size=shape))
+  beta = tf.constant(rng.normal(size=shape[-1]))
+  layer = BatchNormalizationTF1(momentum=0.9, epsilon=1e-5, dtype="float64")
+  layer.build(shape)
+  layer.beta.assign(beta)
+
+  gamma = tf.constant(rng.normal(size=shape[-1]))
+  layer.gamma.assign(gamma)
+  with tf.GradientTape(persistent=True) as outer:
+    outer.watch(x)
+    with tf.GradientTape() as tape:
+      tape.watch(x)
+      y = layer(x, training=True)
+    dx, dgamma, dbeta = tape.gradient(
+        y, [x, layer.gamma, layer.beta], output_gradients=dy
+    )
+    second = tf.reduce_sum(dx**2) + tf.reduce_sum(dx * x)
+  got = [dx, dgamma, *outer.gradient(second, [x, layer.gamma]), dbeta]
+  expected = _first_and_second_order(
+      lambda x, g: _batch_norm_by_autodiff(x, g, beta, 1e-5), x, gamma, dy
+  )
+  expected.append(tf.reduce_sum(dy, axis=list(range(len(shape) - 1))))
+  for g, e in zip(got, expected):
+    np.testing.assert_allclose(g, e, rtol=1e-10, atol=1e-10)
+
+
+def test_written_out_gradient_against_autodiff_statistics():
+  rng = np.random.default_rng(7)
+  x = tf.constant(rng.normal(1.0, 2.0, size=(5, 4, 4, 3)))
+  dy = tf.constant(rng.normal(size=x.shape))
+  gamma = tf.constant(rng.normal(size=3))
+  beta = tf.constant(rng.normal(size=3))
+  with tf.GradientTape() as tape:
+    tape.watch([x, gamma, beta])
+    y = _batch_norm_by_autodiff(x, gamma, beta, 1e-3)
+  expected = tape.gradient(y, [x, gamma, beta], output_gradients=dy)
+  mean = tf.reduce_mean(x, axis=[0, 1, 2])
+  variance = tf.math.reduce_variance(x, axis=[0, 1, 2])
+  got = normalization_gradient(dy, x, mean, variance, gamma, 1e-3)
+  for g, e in zip(got, expected):
+    np.testing.assert_allclose(g, e, rtol=1e-12, atol=1e-12)
