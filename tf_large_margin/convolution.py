@@ -28,7 +28,6 @@ their layers at `compile` (`use_xla_gradients`).
 """
 
 import keras
-import tensorflow as tf
 
 # Above this many input channels the depthwise form (C_in x C_out channels) does
 # more work than TensorFlow's input-gradient kernel saves.
@@ -58,6 +57,8 @@ def depthwise_input_gradient(output_gradient, kernel, padding):
   Returns:
     dL/dx, [batch, height, width, C_in].
   """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   kh, kw, in_channels, out_channels = kernel.shape
   flipped = tf.transpose(tf.reverse(kernel, axis=[0, 1]), [0, 1, 3, 2])
   terms = tf.nn.depthwise_conv2d(
@@ -108,6 +109,8 @@ class FewChannelConv2D(keras.layers.Conv2D):
   def convolution_op(self, inputs, kernel):
     if not self._uses_depthwise_gradient(inputs):
       return super().convolution_op(inputs, kernel)
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
     padding = self.padding.upper()
 
     @tf.custom_gradient

@@ -3,7 +3,7 @@
 import math
 
 import keras
-import tensorflow as tf
+from keras import ops
 
 
 def normalization_gradient(dy, x, mean, variance, gamma, epsilon):
@@ -20,11 +20,11 @@ def normalization_gradient(dy, x, mean, variance, gamma, epsilon):
   differentiation (the margin without the stop-gradient approximation) is exact.
   """
   axes = list(range(len(x.shape) - 1))
-  inverse_std = tf.math.rsqrt(variance + epsilon)
+  inverse_std = ops.rsqrt(variance + epsilon)
   x_hat = (x - mean) * inverse_std
-  dbeta = tf.reduce_sum(dy, axis=axes)
-  dgamma = tf.reduce_sum(dy * x_hat, axis=axes)
-  count = tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), x.dtype)
+  dbeta = ops.sum(dy, axis=axes)
+  dgamma = ops.sum(dy * x_hat, axis=axes)
+  count = ops.cast(ops.size(x) // ops.shape(x)[-1], x.dtype)
   dx = (gamma * inverse_std) * (dy - dbeta / count - x_hat * (dgamma / count))
   return dx, dgamma, dbeta
 
@@ -95,6 +95,8 @@ class BatchNormalizationTF1(keras.layers.BatchNormalization):
         and self.center
         and self.scale
     ):
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
       epsilon = self.epsilon
 
       @tf.custom_gradient
