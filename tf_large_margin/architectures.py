@@ -12,7 +12,8 @@ def mnist_cnn(num_classes=10, input_shape=(28, 28, 1), name="mnist_cnn"):
   Per block i = 0, 1 (32 then 64 filters), as the original `MNISTNetwork` with
   batch norm on:
 
-      conv{i}_conv  5x5 convolution, same padding, no bias, ReLU
+      conv{i}_conv  5x5 convolution, same padding, no bias, ReLU (`FewChannelConv2D`:
+                    Conv2D with a faster input gradient for conv0's 1 channel)
       conv{i}_relu  ReLU again (the original applies the activation twice)
       conv{i}_pool  2x2 max-pooling, stride 2
       conv{i}       batch normalisation (momentum 0.9, epsilon 1e-5), moving
