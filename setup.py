@@ -31,5 +31,11 @@ setuptools.setup(
         "examples": ["matplotlib>=3.8"],
         # hypothesis: the randomized property tests (tests/test_properties.py).
         "test": ["pytest>=8", "matplotlib>=3.8", "hypothesis>=6.100"],
+        # The other Keras backends the output-layer losses run on (README,
+        # "Backends"); tests/test_backends.py compares them with TensorFlow.
+        # No pins: pick torch's CPU or CUDA build yourself.
+        "jax": ["jax"],
+        "torch": ["torch"],
+        "backends": ["jax", "torch"],
     },
 )

@@ -22,6 +22,7 @@ PACKAGE = "tf_large_margin"
 THIRD_PARTY = {
     "absl": "absl_py",
     "hypothesis": "hypothesis",
+    "jax": "jax",
     "keras": "keras",
     "matplotlib": "matplotlib",
     "numpy": "numpy",
@@ -29,6 +30,7 @@ THIRD_PARTY = {
     "tensorboard": "tensorboard",
     "tensorflow": "tensorflow",
     "tensorflow_datasets": "tensorflow_datasets",
+    "torch": "torch",
 }
 
 # Files a target reads at run time (not imports): name -> Starlark expression.

@@ -128,3 +128,17 @@ def test_logit_score_at_the_logits_is_the_scaled_logit_gap():
       others = np.delete(logits[b], y)
       expected = (logits[b, y] - np.sort(others)[::-1]) / (dual_length + 1e-9)
       np.testing.assert_allclose(distances[-1].numpy()[b], expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("top_k", [2, 3, 5])
+def test_top_competitors_break_ties_as_tf_top_k(top_k):
+  """Many ties (values from {0, 1, 2}): the k columns and their order are those of
+  `tf.math.top_k` (lowest index first among equals), also in float32."""
+  rng = np.random.default_rng(3)
+  for dtype in ("float32", "float64"):
+    others = rng.integers(0, 3, size=(64, 7)).astype(dtype)
+    values, competitors = margin_scores.top_competitors(tf.constant(others), top_k)
+    expected_values, expected_indices = tf.math.top_k(others, k=top_k)
+    np.testing.assert_array_equal(values, expected_values)
+    np.testing.assert_array_equal(np.argmax(competitors, axis=-1), expected_indices)
+    np.testing.assert_array_equal(np.sum(competitors, axis=-1), 1.0)

@@ -2,7 +2,13 @@
 
 Elsayed et al., "Large Margin Deep Networks for Classification", NeurIPS 2018, and
 related margin methods. Importing the package registers every class a saved model
-may refer to. Submodules, by concept:
+may refer to.
+
+Backends: under any Keras backend (TensorFlow, JAX, PyTorch) the package loads the
+losses of the output layer (`LargeMarginLoss`, the hinge, additive and
+multiplicative margin losses), `CosineHead`, the lambda schedule and the networks
+(`architectures`, `convolution`, `normalization`); the other parts need TensorFlow
+and load only under its backend. Submodules, by concept:
 
 Training with the large-margin loss (Eq. 10)
   `margin_loss`       Eq. 10 as functions: `large_margin`, `margin_distances`
@@ -34,29 +40,20 @@ Data, networks and the original recipe
   Keras internals the package needs
 """
 
+import keras
+
 from tf_large_margin import additive_margin_losses
-from tf_large_margin import adversarial
 from tf_large_margin import architectures
-from tf_large_margin import attacks
 from tf_large_margin import callbacks
-from tf_large_margin import certified
 from tf_large_margin import convolution
-from tf_large_margin import datasets
 from tf_large_margin import hinge_loss
-from tf_large_margin import jacobian
 from tf_large_margin import layers
 from tf_large_margin import losses
-from tf_large_margin import margin_estimation
 from tf_large_margin import margin_loss
 from tf_large_margin import margin_penalty
 from tf_large_margin import margin_scores
-from tf_large_margin import models
-from tf_large_margin import monitor
 from tf_large_margin import multiplicative_margin_losses
 from tf_large_margin import normalization
-from tf_large_margin import optimizers
-from tf_large_margin import original_recipe
-from tf_large_margin import regularizers
 from tf_large_margin import schedules
 from tf_large_margin.additive_margin_losses import AMSoftmax
 from tf_large_margin.additive_margin_losses import ArcFace
@@ -64,18 +61,48 @@ from tf_large_margin.additive_margin_losses import CosFace
 from tf_large_margin.callbacks import LambdaScheduler
 from tf_large_margin.convolution import FewChannelConv2D
 from tf_large_margin.hinge_loss import MulticlassHinge
-from tf_large_margin.jacobian import JacobianModel
 from tf_large_margin.layers import CosineHead
 from tf_large_margin.losses import LargeMarginLoss
 from tf_large_margin.losses import LayerMargin
 from tf_large_margin.margin_loss import large_margin
 from tf_large_margin.margin_loss import large_margin_per_example
 from tf_large_margin.margin_loss import margin_distances
-from tf_large_margin.models import MarginModel
-from tf_large_margin.models import MarginTraining
-from tf_large_margin.monitor import MarginMonitor
 from tf_large_margin.multiplicative_margin_losses import LSoftmax
 from tf_large_margin.multiplicative_margin_losses import SphereFace
 from tf_large_margin.schedules import LambdaDecay
+
+if keras.backend.backend() == "tensorflow":
+  # The parts that need TensorFlow (tapes, tf.data, tf.distribute): loaded only
+  # under its backend; `__getattr__` names the backend they need otherwise.
+  from tf_large_margin import adversarial
+  from tf_large_margin import attacks
+  from tf_large_margin import certified
+  from tf_large_margin import datasets
+  from tf_large_margin import jacobian
+  from tf_large_margin import margin_estimation
+  from tf_large_margin import models
+  from tf_large_margin import monitor
+  from tf_large_margin import optimizers
+  from tf_large_margin import original_recipe
+  from tf_large_margin import regularizers
+  from tf_large_margin.jacobian import JacobianModel
+  from tf_large_margin.models import MarginModel
+  from tf_large_margin.models import MarginTraining
+  from tf_large_margin.monitor import MarginMonitor
+
+
+def __getattr__(name):
+  """A clear error for the TensorFlow-only parts under another Keras backend."""
+  if name.startswith("_") or keras.backend.backend() == "tensorflow":
+    raise AttributeError(f"module 'tf_large_margin' has no attribute {name!r}")
+  raise AttributeError(
+      f"tf_large_margin.{name} is not loaded under the Keras backend "
+      f'"{keras.backend.backend()}": it needs the TensorFlow backend '
+      "(KERAS_BACKEND=tensorflow). Under JAX and PyTorch the package has the "
+      "losses of the output layer (LargeMarginLoss, MulticlassHinge, AMSoftmax / "
+      "CosFace, ArcFace, LSoftmax, SphereFace), CosineHead, LambdaDecay and "
+      "LambdaScheduler; see the README's backend table."
+  )
+
 
 __version__ = "0.1.0"

@@ -187,7 +187,7 @@ def arcface(y_true, y_pred, margin=0.5, scale=64.0):
   one_hot = labels.one_hot_like(y_true, cos)
   c_y = labels.target_column(one_hot, cos)
   eps = keras.config.epsilon()
-  sin_y = ops.sqrt(ops.maximum(1.0 - ops.square(c_y), eps))
+  sin_y = ops.sqrt(labels.at_least(1.0 - ops.square(c_y), eps))
   cos_plus_m = c_y * math.cos(margin) - sin_y * math.sin(margin)
   fallback = c_y - margin * math.sin(margin)
   target = ops.where(ops.greater(c_y, math.cos(math.pi - margin)), cos_plus_m, fallback)

@@ -8,8 +8,9 @@ integer class indices of shape [batch].
 import math
 import numbers
 
+import keras
+from keras import ops
 import numpy as np
-import tensorflow as tf
 
 
 def check_real(name, value, *, positive=False, upper=None):
@@ -63,7 +64,7 @@ def check_clip_range(clip_min, clip_max):
 def check_data_range(x, clip_min, clip_max):
   """Checks clip_min < clip_max and that ``x`` lies in [clip_min, clip_max]."""
   check_clip_range(clip_min, clip_max)
-  low, high = float(tf.reduce_min(x)), float(tf.reduce_max(x))
+  low, high = float(ops.min(x)), float(ops.max(x))
   if low < clip_min or high > clip_max:
     raise ValueError(
         f"x must lie in the data range [clip_min, clip_max] = [{clip_min}, "
@@ -81,18 +82,19 @@ def check_logits_and_labels(model, x, labels):
   Returns:
     ``(labels as an int32 tensor, number of classes)``.
   """
-  x = tf.convert_to_tensor(x)
-  if x.shape.rank is None or x.shape.rank < 1 or x.shape[0] == 0:
+  x = ops.convert_to_tensor(x)
+  if len(x.shape) < 1 or x.shape[0] == 0:
     raise ValueError(f"x must be a non-empty batch [batch, ...]; got shape {x.shape}.")
   logits = model(x[:1], training=False)
-  if not tf.is_tensor(logits) or logits.shape.rank != 2 or logits.shape[0] != 1:
+  if not ops.is_tensor(logits) or len(logits.shape) != 2 or logits.shape[0] != 1:
     shape = getattr(logits, "shape", type(logits).__name__)
     raise ValueError(
         "The model must return logits of shape [batch, classes]; on a batch of one "
         f"example it returned {shape}."
     )
-  if not logits.dtype.is_floating:
-    raise ValueError(f"The model must return float logits; got {logits.dtype.name}.")
+  if not keras.backend.is_float_dtype(logits.dtype):
+    dtype = keras.backend.standardize_dtype(logits.dtype)
+    raise ValueError(f"The model must return float logits; got {dtype}.")
   labels = np.asarray(labels)
   if not np.issubdtype(labels.dtype, np.integer):
     raise ValueError(f"labels must be integer class indices; got dtype {labels.dtype}.")
@@ -107,25 +109,26 @@ def check_logits_and_labels(model, x, labels):
         f"labels must be in [0, {num_classes}) (the model's classes); labels[{bad[0]}] "
         f"= {labels[bad[0]]}."
     )
-  return tf.constant(labels, tf.int32), num_classes
+  return ops.convert_to_tensor(labels, "int32"), num_classes
 
 
 def check_float_inputs(x):
   """``x`` as a tensor after checking its dtype is floating."""
-  x = tf.convert_to_tensor(x)
-  if not x.dtype.is_floating:
-    raise ValueError(f"x must be a float tensor; got dtype {x.dtype.name}.")
+  x = ops.convert_to_tensor(x)
+  if not keras.backend.is_float_dtype(x.dtype):
+    dtype = keras.backend.standardize_dtype(x.dtype)
+    raise ValueError(f"x must be a float tensor; got dtype {dtype}.")
   return x
 
 
 def float32_inputs(x):
-  """``x`` (a tf.Tensor of any dtype, a numpy array or nested lists) as float32.
+  """``x`` (a tensor of any dtype, a numpy array or nested lists) as float32.
 
   `tf.convert_to_tensor(x, tf.float32)` converts arrays and lists but raises
   ValueError for a tensor of another dtype (the float16 inputs of a model built
-  with dtype="float16"); `tf.cast` converts all of them.
+  with dtype="float16"); a cast converts all of them.
   """
-  return tf.cast(x, tf.float32)
+  return ops.cast(x, "float32")
 
 
 def float_inputs_and_labels(model, x, labels):

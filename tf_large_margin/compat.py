@@ -21,9 +21,11 @@ The models of this library use both; drop them once Keras fixes the issue.
 Metric direction. Callbacks monitoring a metric in mode "auto" (`EarlyStopping`,
 `ModelCheckpoint`, `ReduceLROnPlateau`) read whether it improves upwards from the
 metric's private ``_direction`` (`set_metric_direction`).
-"""
 
-import tensorflow as tf
+The multi-worker pieces are TensorFlow's; they import it when called, so that the
+module (and `tf_large_margin.layers`, which sets a metric's direction) loads under
+any Keras backend.
+"""
 
 # The private names used below (tests/test_compat.py checks each of them).
 PRIVATE_NAMES = (
@@ -58,6 +60,7 @@ class MultiWorkerFit:
 
 def local_batch(batch):
   """The first local replica's part of a (possibly distributed) batch structure."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
   def local(value):
     if isinstance(value, tf.distribute.DistributedValues):
@@ -74,6 +77,8 @@ def multi_worker(strategy):
   ``_collective_all_reduce_multi_worker``); this asks the same with public API:
   the chief and worker tasks of the strategy's cluster.
   """
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
   if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
     return False
   cluster = strategy.cluster_resolver.cluster_spec()
@@ -82,6 +87,8 @@ def multi_worker(strategy):
 
 def logs_for_reduction(logs):
   """Scalar logs as shape [1] under multi-worker training, unchanged otherwise."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
   if not multi_worker(tf.distribute.get_strategy()):
     return logs
   return tf.nest.map_structure(lambda v: tf.reshape(v, [1]), logs)

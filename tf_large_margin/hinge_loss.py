@@ -130,7 +130,7 @@ class MulticlassHinge(keras.losses.Loss):
     loss = multiclass_hinge(y_true, y_pred, variant=self.variant, margin=self.margin)
     if self.cross_entropy_weight:
       one_hot = labels.one_hot_like(y_true, y_pred)
-      loss += self.cross_entropy_weight * labels.softmax_xent(one_hot, y_pred)
+      loss = loss + self.cross_entropy_weight * labels.softmax_xent(one_hot, y_pred)
     return loss
 
   def get_config(self):

@@ -41,6 +41,7 @@ import keras
 from keras import ops
 
 from tf_large_margin import compat
+from tf_large_margin.labels import at_least
 from tf_large_margin.labels import to_one_hot
 
 # Floor of the squared norms, so that the gradient of the norm stays finite at
@@ -60,8 +61,8 @@ def _l2_norm(x, axis):
   largest = ops.stop_gradient(ops.max(ops.abs(x), axis=axis, keepdims=True))
   largest = ops.where(largest > 0, largest, _NORM_FLOOR)
   # sum((x / m)^2) >= 1 unless x = 0 (then m = _NORM_FLOOR and the norm is the floor).
-  squares = ops.maximum(ops.sum(ops.square(x / largest), axis=axis, keepdims=True), 1.0)
-  return ops.maximum(largest * ops.sqrt(squares), _NORM_FLOOR)
+  squares = at_least(ops.sum(ops.square(x / largest), axis=axis, keepdims=True), 1.0)
+  return at_least(largest * ops.sqrt(squares), _NORM_FLOOR)
 
 
 def split_head_output(y_pred):
@@ -248,7 +249,9 @@ class CosineHead(keras.layers.Layer):
     w = ops.convert_to_tensor(self.kernel, dtype=self.compute_dtype)
     x_norm = _l2_norm(x, axis=-1)  # (..., 1)
     w_norm = _l2_norm(w, axis=0)  # (1, C)
-    cos = ops.matmul(x / x_norm, w / w_norm)
+    # `@`, not keras.ops.matmul: Keras' PyTorch backend computes that in float32
+    # for float64 tensors.
+    cos = (x / x_norm) @ (w / w_norm)
     cos = ops.clip(cos, -1.0, 1.0)
 
     scale = None

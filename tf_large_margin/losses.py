@@ -3,17 +3,19 @@ logits) and `LayerMargin` (the margin a `tf_large_margin.MarginModel` enforces a
 layers)."""
 
 import keras
-import tensorflow as tf
+from keras import ops
 
 from tf_large_margin import margin_loss
 from tf_large_margin import margin_penalty
 from tf_large_margin import margin_scores
+from tf_large_margin.labels import at_least
+from tf_large_margin.labels import softmax_xent
 from tf_large_margin.labels import to_one_hot
 
 
 def probabilities_to_logits(probs):
   """log(p) (p floored at Keras' epsilon): logits whose softmax gives back ``probs``."""
-  return tf.math.log(tf.maximum(probs, keras.config.epsilon()))
+  return ops.log(at_least(probs, keras.config.epsilon()))
 
 
 class MarginSettings:
@@ -82,7 +84,7 @@ class MarginSettings:
       return margin_values
     correct = None
     if self.correct_only:
-      correct = tf.equal(tf.argmax(logits, axis=1), tf.argmax(one_hot, axis=1))
+      correct = ops.equal(ops.argmax(logits, axis=1), ops.argmax(one_hot, axis=1))
     return margin_values * margin_penalty.aggregation_weights(
         margin_values, correct, self.aggregation
     )
@@ -110,7 +112,8 @@ class LargeMarginLoss(MarginSettings, keras.losses.Loss):
 
   over the ``top_k`` most probable classes j != y (only the smallest d_j with
   ``worst_case_loss``), q the dual norm of ``dist_norm``. The gradient w.r.t. the
-  logits is analytic, so no tape is needed. The margin at the input or at hidden
+  logits is analytic, so no tape is needed: the loss runs under every Keras backend
+  (TensorFlow, JAX, PyTorch). The margin at the input or at hidden
   layers is a setting of the model instead: `tf_large_margin.MarginModel` with
   ``margin=tf_large_margin.LayerMargin(...)``.
 
@@ -198,9 +201,8 @@ class LargeMarginLoss(MarginSettings, keras.losses.Loss):
         logits,
         one_hot,
     )
-    xent_values = tf.nn.softmax_cross_entropy_with_logits(
-        labels=tf.cast(one_hot, margin_values.dtype),
-        logits=tf.cast(logits, margin_values.dtype),
+    xent_values = softmax_xent(
+        ops.cast(one_hot, margin_values.dtype), ops.cast(logits, margin_values.dtype)
     )
     return margin_values + self.cross_entropy_weight * xent_values
 

@@ -26,12 +26,19 @@ stop-gradient on the denominator) that pass is not recorded for differentiation.
 Beyond the paper, ``score="logits"`` measures the same first-order distance on the
 logits z instead of the probabilities, d_i = (z_y - z_i) / (epsilon +
 || grad_h z_y - grad_h z_i ||_q) (`tf_large_margin.margin_scores`).
+
+Backends. The gradients at layers come from a `tf.GradientTape` (or `tf.gradients`),
+so `margin_distances`, `large_margin_per_example` and `large_margin` need the
+TensorFlow backend. Everything else (the norms, the checks, `distances`, and
+`logit_margin_per_example`, Eq. 10 at the logits with the analytic cotangent) is
+written with `keras.ops` and runs under any Keras backend.
 """
 
 import contextlib
 
+import keras
+from keras import ops
 import numpy as np
-import tensorflow as tf
 
 from tf_large_margin import margin_penalty
 from tf_large_margin import margin_scores
@@ -77,25 +84,26 @@ def flat_norm(x, ord):  # pylint: disable=redefined-builtin
     at x = 0 is 0 (`tf.norm`'s gradient x / ||x|| is 0 / 0 = NaN there, e.g. the
     margin's denominator with ``use_approximation=False`` where the softmax saturates).
   """
-  x = tf.reshape(x, [tf.shape(x)[0], -1])
+  x = ops.reshape(x, (ops.shape(x)[0], -1))
   if ord == 1:
-    return tf.reduce_sum(tf.abs(x), axis=1)
+    return ops.sum(ops.abs(x), axis=1)
   if ord == 2:
     return safe_norm(x, axis=1)
-  return tf.reduce_max(tf.abs(x), axis=1)
+  # initial: an empty batch stays empty (keras.ops.max raises in eager TF).
+  return ops.max(ops.abs(x), axis=1, initial=0.0)
 
 
 def safe_norm(x, axis, keepdims=False):
   """Euclidean norm ||x||_2 = sqrt(sum x^2) along ``axis``, with gradient 0 at x = 0.
 
   The value is `tf.norm`'s. Its gradient x / ||x||_2 is 0 / 0 = NaN where x = 0;
-  here that subgradient is 0 instead (a `tf.where` on both sides of the square
+  here that subgradient is 0 instead (a `where` on both sides of the square
   root keeps the unused branch finite).
   """
-  squares = tf.reduce_sum(tf.square(x), axis=axis, keepdims=keepdims)
+  squares = ops.sum(ops.square(x), axis=axis, keepdims=keepdims)
   positive = squares > 0
-  root = tf.sqrt(tf.where(positive, squares, tf.ones_like(squares)))
-  return tf.where(positive, root, tf.zeros_like(squares))
+  root = ops.sqrt(ops.where(positive, squares, ops.ones_like(squares)))
+  return ops.where(positive, root, ops.zeros_like(squares))
 
 
 def check_top_k(top_k, num_classes=None):
@@ -162,34 +170,48 @@ def _check_logits_and_labels(logits, one_hot_labels):
   The labels take the dtype the margin math runs in: float32 for half-precision
   logits (mixed precision), the logits' own dtype otherwise (float32 or float64).
   """
-  logits = tf.convert_to_tensor(logits)
-  if not logits.dtype.is_floating:
-    raise ValueError(f"logits must be a float tensor; got dtype {logits.dtype.name}.")
-  one_hot_labels = tf.convert_to_tensor(one_hot_labels)
-  if logits.shape.rank != 2:
-    raise ValueError(f"logits must have shape [batch, classes]; got {logits.shape}.")
-  if not logits.shape.is_compatible_with(one_hot_labels.shape):
+  logits = ops.convert_to_tensor(logits)
+  if not keras.backend.is_float_dtype(logits.dtype):
+    dtype = keras.backend.standardize_dtype(logits.dtype)
+    raise ValueError(f"logits must be a float tensor; got dtype {dtype}.")
+  one_hot_labels = ops.convert_to_tensor(one_hot_labels)
+  shape, labels_shape = tuple(logits.shape), tuple(one_hot_labels.shape)
+  if len(shape) != 2:
+    raise ValueError(f"logits must have shape [batch, classes]; got {shape}.")
+  if len(labels_shape) != 2 or any(
+      a is not None and b is not None and a != b for a, b in zip(shape, labels_shape)
+  ):
     raise ValueError(
-        f"logits and one_hot_labels must have the same shape; got {logits.shape} "
-        f"and {one_hot_labels.shape}."
+        f"logits and one_hot_labels must have the same shape; got {shape} "
+        f"and {labels_shape}."
     )
-  math_dtype = working_dtype(logits)
-  return logits, tf.cast(one_hot_labels, math_dtype)
+  return logits, ops.cast(one_hot_labels, working_dtype(logits))
 
 
-def _distances(differences, gradients, dual, weight, epsilon, use_approximation):
-  """d = diff / (||g_j||_q / weight + epsilon) for each column j; [batch, k]."""
-  norms = tf.stack(
-      [flat_norm(tf.cast(g, differences.dtype), dual) / weight for g in gradients],
+def distances(differences, gradients, dual, weight, epsilon, use_approximation):
+  """Eq. 10's distances d_j = diff_j / (||g_j||_q / weight + epsilon); [batch, k].
+
+  Args:
+    differences: [batch, k] score differences (p_y - p_(j) or z_y - z_(j)).
+    gradients: k tensors [batch, ...], g_j the gradient of column j at a layer.
+    dual: the norm q of the gradients (`dual_norm`).
+    weight: the layer's weight w_l (the norm is divided by it).
+    epsilon: added to the norm, >= 0.
+    use_approximation: stop the gradient through the norms.
+  """
+  norms = ops.stack(
+      [flat_norm(ops.cast(g, differences.dtype), dual) / weight for g in gradients],
       axis=1,
   )
   if use_approximation:
-    norms = tf.stop_gradient(norms)
+    norms = ops.stop_gradient(norms)
   denominators = norms + epsilon
   # epsilon = 0 and a vanishing gradient on the boundary (p_y = p_(j)): 0 / 0 is the
   # distance 0, as for any epsilon > 0 (a nonzero difference gives +-inf).
-  on_boundary = tf.equal(differences, 0.0) & tf.equal(denominators, 0.0)
-  return tf.where(on_boundary, tf.zeros_like(differences), differences / denominators)
+  on_boundary = ops.equal(differences, 0.0) & ops.equal(denominators, 0.0)
+  return ops.where(
+      on_boundary, ops.zeros_like(differences), differences / denominators
+  )
 
 
 def _vector_jacobian_product(tape, target, sources, cotangent, record):
@@ -200,6 +222,8 @@ def _vector_jacobian_product(tape, target, sources, cotangent, record):
   and raises (RuntimeError, ValueError in older TF) on a tape that is not
   recording, which then has nothing to pause.
   """
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
   if tape is None:
     return tf.gradients(target, sources, grad_ys=cotangent)
   with contextlib.ExitStack() as stack:
@@ -212,6 +236,8 @@ def _vector_jacobian_product(tape, target, sources, cotangent, record):
 
 
 def _describe(index, tensor):
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
   name = "" if tf.executing_eagerly() else f" ({tensor.name})"
   return f"layers_list[{index}]{name} of shape {tensor.shape}"
 
@@ -263,6 +289,15 @@ def margin_distances(
   layers_weights = _check_hyperparameters(
       top_k, logits.shape[1], dist_norm, len(layers_list), layers_weights
   )
+  if keras.backend.backend() != "tensorflow":
+    raise ValueError(
+        "margin_distances takes the gradients at layers from TensorFlow (a "
+        "tf.GradientTape or tf.gradients): it needs the Keras backend "
+        f'"tensorflow"; the backend is "{keras.backend.backend()}". Eq. 10 at the '
+        "logits runs on any backend: logit_margin_per_example, LargeMarginLoss."
+    )
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
   if tape is None and tf.executing_eagerly():
     raise ValueError(
         "In eager mode pass tape=: the tf.GradientTape that recorded logits "
@@ -302,11 +337,11 @@ def margin_distances(
         )
       gradients[l].append(grad)
 
-  distances = [
-      _distances(differences, grads, dual, weight, epsilon, use_approximation)
+  layer_distances = [
+      distances(differences, grads, dual, weight, epsilon, use_approximation)
       for grads, weight in zip(gradients, layers_weights)
   ]
-  return differences, distances
+  return differences, layer_distances
 
 
 def large_margin_per_example(
@@ -332,7 +367,7 @@ def large_margin_per_example(
   `margin_penalty.distance_loss` for ``shrinkage``.
   """
   check_epsilon(epsilon, positive=True)
-  _, distances = margin_distances(
+  _, layer_distances = margin_distances(
       logits=logits,
       one_hot_labels=one_hot_labels,
       layers_list=layers_list,
@@ -346,9 +381,9 @@ def large_margin_per_example(
   )
   losses = [
       margin_penalty.distance_loss(d, gamma, alpha_factor, worst_case_loss, shrinkage)
-      for d in distances
+      for d in layer_distances
   ]
-  return tf.add_n(losses) / len(losses)
+  return ops.sum(ops.stack(losses), axis=0) / len(losses)
 
 
 def large_margin(
@@ -418,7 +453,7 @@ def large_margin(
     ValueError: for a bad hyper-parameter, mismatched shapes, an empty
       ``layers_list``, non-float logits or a layer the logits do not depend on.
   """
-  return tf.reduce_mean(
+  return ops.mean(
       large_margin_per_example(
           logits=logits,
           one_hot_labels=one_hot_labels,
@@ -455,7 +490,8 @@ def logit_margin_per_example(
 
   The gradient of p_y - p_j w.r.t. the logits is the analytic softmax cotangent
   (see `probability_difference_cotangents`), so this equals `large_margin_per_example`
-  with ``layers_list=[logits]`` and works wherever a Keras loss is called.
+  with ``layers_list=[logits]`` and works wherever a Keras loss is called, under
+  any Keras backend.
   """
   logits, one_hot_labels = _check_logits_and_labels(logits, one_hot_labels)
   _check_hyperparameters(top_k, logits.shape[1], dist_norm, 1, None)
@@ -463,9 +499,9 @@ def logit_margin_per_example(
   differences, cotangents = margin_scores.score_differences(
       logits, one_hot_labels, top_k, score
   )
-  distances = _distances(
+  logit_distances = distances(
       differences, cotangents, dual_norm(dist_norm), 1.0, epsilon, use_approximation
   )
   return margin_penalty.distance_loss(
-      distances, gamma, alpha_factor, worst_case_loss, shrinkage
+      logit_distances, gamma, alpha_factor, worst_case_loss, shrinkage
   )

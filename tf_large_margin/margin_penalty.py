@@ -11,13 +11,13 @@ examples: an integer n keeps the n largest losses) and ``correct_only`` (only th
 correctly classified examples), as weights that `aggregation_weights` returns.
 """
 
+from keras import ops
 import numpy as np
-import tensorflow as tf
 
 
 def _maximum_with_relu(a, b):
   """max(a, b) written as a + relu(b - a), with the original's gradient at a == b."""
-  return a + tf.nn.relu(b - a)
+  return a + ops.relu(b - a)
 
 
 def clip_shrinkage(distances, gamma, alpha_factor):
@@ -53,6 +53,15 @@ def get_shrinkage(shrinkage):
     ) from None
 
 
+def smallest(distances):
+  """The [batch, 1] minimum over the k distances of each example.
+
+  ``initial=inf`` changes no value but keeps an empty batch empty: without it
+  `keras.ops.min` raises on an empty tensor in eager TensorFlow.
+  """
+  return ops.min(distances, axis=1, keepdims=True, initial=np.inf)
+
+
 def distance_loss(
     distances, gamma=10000.0, alpha_factor=2.0, worst_case_loss=True, shrinkage="clip"
 ):
@@ -74,8 +83,8 @@ def distance_loss(
     A [batch] tensor.
   """
   if worst_case_loss:
-    distances = tf.reduce_min(distances, axis=1, keepdims=True)
-  return -tf.reduce_sum(
+    distances = smallest(distances)
+  return -ops.sum(
       get_shrinkage(shrinkage)(distances, gamma, alpha_factor), axis=1
   )
 
@@ -100,15 +109,13 @@ def active_fraction(distances, gamma, alpha_factor, worst_case_loss=True):
   Returns:
     A scalar in [0, 1] (float32; 0 for an empty batch).
   """
-  distances = tf.convert_to_tensor(distances)
+  distances = ops.convert_to_tensor(distances)
   if worst_case_loss:
-    distances = tf.reduce_min(distances, axis=1, keepdims=True)
+    distances = smallest(distances)
   lower = gamma * (1.0 - alpha_factor)
-  inside = tf.reduce_any((distances > lower) & (distances < gamma), axis=1)
-  return tf.math.divide_no_nan(
-      tf.reduce_sum(tf.cast(inside, tf.float32)),
-      tf.cast(tf.shape(distances)[0], tf.float32),
-  )
+  inside = ops.any((distances > lower) & (distances < gamma), axis=1)
+  count = ops.cast(ops.shape(distances)[0], "float32")
+  return ops.where(count > 0, ops.sum(ops.cast(inside, "float32")) / count, 0.0)
 
 
 AGGREGATIONS = ("mean", "min")
@@ -140,28 +147,28 @@ def aggregation_weights(per_example_loss, correct=None, aggregation="mean"):
     - "min": the loss at the smallest margin in T (the largest loss);
     - an integer n: the mean over the n smallest margins in T (largest losses).
   With ``correct`` (a [batch] bool mask), T is restricted to correctly classified
-  examples. The weights carry no gradient.
+  examples. The weights carry no gradient. Among equal losses the lower index is
+  chosen first (as ``tf.math.top_k``), on every Keras backend.
   """
   check_aggregation(aggregation)
-  per_example_loss = tf.stop_gradient(per_example_loss)
-  batch = tf.shape(per_example_loss)[0]
+  per_example_loss = ops.stop_gradient(per_example_loss)
+  batch = ops.shape(per_example_loss)[0]
   in_set = (
-      tf.ones_like(per_example_loss, tf.bool)
+      ops.ones_like(per_example_loss, "bool")
       if correct is None
-      else tf.cast(correct, tf.bool)
+      else ops.cast(correct, "bool")
   )
   if aggregation == "mean":
-    chosen = tf.cast(in_set, per_example_loss.dtype)
+    chosen = ops.cast(in_set, per_example_loss.dtype)
   else:
     count = 1 if aggregation == "min" else aggregation
-    count = tf.minimum(count, tf.reduce_sum(tf.cast(in_set, tf.int32)))
-    lowest = tf.constant(-np.inf, per_example_loss.dtype)  # float64 losses too
-    ranked = tf.where(
-        in_set, per_example_loss, tf.fill(tf.shape(per_example_loss), lowest)
-    )
-    _, top = tf.math.top_k(ranked, k=count)
-    chosen = tf.scatter_nd(
-        top[:, None], tf.ones([count], per_example_loss.dtype), [batch]
-    )
-  size = tf.reduce_sum(chosen)
-  return tf.math.divide_no_nan(chosen * tf.cast(batch, chosen.dtype), size)
+    count = ops.minimum(count, ops.sum(ops.cast(in_set, "int32")))
+    ranked = ops.where(in_set, per_example_loss, -np.inf)
+    # rank[i]: the position of example i in descending order (stable argsort).
+    rank = ops.argsort(ops.argsort(-ranked))
+    chosen = ops.cast(rank < count, per_example_loss.dtype)
+  # 0 where the set is empty (no correctly classified example), not 0 / 0. Not
+  # keras.ops.divide_no_nan: it returns float32 for float64 under PyTorch.
+  size = ops.sum(chosen)
+  weights = chosen * ops.cast(batch, chosen.dtype)
+  return ops.where(size > 0, weights / ops.where(size > 0, size, 1.0), 0.0)

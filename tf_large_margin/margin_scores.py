@@ -19,7 +19,9 @@ bound once the softmax saturates (its numerator stays below 1 while its gradient
 vanishes); the logit distance is the exact distance of a linear model.
 """
 
-import tensorflow as tf
+from keras import ops
+from keras.backend import standardize_dtype
+import numpy as np
 
 SCORES = ("probabilities", "logits")
 
@@ -31,13 +33,37 @@ def check_score(score):
   return score
 
 
+def top_competitors(others, top_k):
+  """The ``top_k`` largest entries of each row of ``others`` and who they are.
+
+  ``top_k`` = 1: the row maximum, its weight shared equally by tied entries
+  (``reduce_max``'s gradient in TensorFlow), w = [others == max] / (number tied).
+  ``top_k`` > 1: the columns in descending order, ties lowest index first (as
+  ``tf.math.top_k``) on every backend: a stable argsort of -others; w_j is the
+  one-hot row of the j-th column.
+
+  Returns:
+    ``(values, competitors)``: [batch, top_k] values and [batch, top_k, classes]
+    weights w_j with values[:, j] = sum_i w_j,i others_i.
+  """
+  if top_k == 1:
+    # initial: an empty batch stays empty (keras.ops.max raises in eager TF).
+    values = ops.max(others, axis=1, keepdims=True, initial=-np.inf)
+    tied = ops.cast(ops.equal(others, values), others.dtype)
+    return values, (tied / ops.sum(tied, axis=1, keepdims=True))[:, None, :]
+  indices = ops.argsort(-others, axis=1)[:, :top_k]
+  values = ops.take_along_axis(others, indices, axis=1)
+  return values, ops.one_hot(indices, others.shape[1], dtype=others.dtype)
+
+
 def top_k_probability_differences(probs, one_hot_labels, top_k):
   """p_y - p_(j) for the k most probable other classes, and who the competitors are.
 
   As the original: the other classes' probabilities are ``p * (1 - one_hot)``;
   for ``top_k`` = 1 the competitor is their ``reduce_max``, for ``top_k`` > 1 the
-  columns of ``tf.math.top_k``. The returned competitor weights w_j are what the
-  derivative of p_(j) w.r.t. those masked probabilities is in TensorFlow:
+  columns of ``tf.math.top_k`` (`top_competitors`). The returned competitor weights
+  w_j are what the derivative of p_(j) w.r.t. those masked probabilities is in
+  TensorFlow:
 
   - top_k = 1: the max's gradient is shared equally by tied entries,
     w = [p_i (1 - y_i) == max] / (number of tied entries) (with all other
@@ -53,15 +79,8 @@ def top_k_probability_differences(probs, one_hot_labels, top_k):
     ``(differences, competitors)``: [batch, top_k] p_y - p_(j), and [batch, top_k,
     classes] weights w_j with p_(j) = sum_i w_j,i p_i (1 - y_i).
   """
-  correct_prob = tf.reduce_sum(probs * one_hot_labels, axis=1, keepdims=True)
-  other_probs = probs * (1.0 - one_hot_labels)
-  if top_k == 1:
-    top_probs = tf.reduce_max(other_probs, axis=1, keepdims=True)
-    tied = tf.cast(tf.equal(other_probs, top_probs), probs.dtype)
-    competitors = (tied / tf.reduce_sum(tied, axis=1, keepdims=True))[:, None, :]
-  else:
-    top_probs, indices = tf.math.top_k(other_probs, k=top_k)
-    competitors = tf.one_hot(indices, tf.shape(probs)[1], dtype=probs.dtype)
+  correct_prob = ops.sum(probs * one_hot_labels, axis=1, keepdims=True)
+  top_probs, competitors = top_competitors(probs * (1.0 - one_hot_labels), top_k)
   return correct_prob - top_probs, competitors
 
 
@@ -78,9 +97,7 @@ def probability_difference_cotangents(probs, one_hot_labels, competitors):
   cotangents = []
   for j in range(competitors.shape[1]):
     v = one_hot_labels - competitors[:, j] * (1.0 - one_hot_labels)
-    cotangents.append(
-        probs * v - probs * tf.reduce_sum(probs * v, axis=1, keepdims=True)
-    )
+    cotangents.append(probs * v - probs * ops.sum(probs * v, axis=1, keepdims=True))
   return cotangents
 
 
@@ -90,23 +107,17 @@ def top_k_logit_differences(logits, one_hot_labels, top_k):
   As `top_k_probability_differences` with the logits as the score: the label's
   own logit is excluded (set to the lowest value of the dtype), ``top_k`` = 1 takes
   ``reduce_max`` (ties share the weight equally, as its gradient) and ``top_k`` > 1
-  the columns of ``tf.math.top_k``. Softmax is monotonic, so the competitors are
-  those of the probabilities (up to ties).
+  the columns in descending order (`top_competitors`). Softmax is monotonic, so the
+  competitors are those of the probabilities (up to ties).
 
   Returns:
     ``(differences, competitors)``: [batch, top_k] z_y - z_(j) and [batch, top_k,
     classes] weights w_j with z_(j) = sum_i w_j,i z_i.
   """
-  correct_logit = tf.reduce_sum(logits * one_hot_labels, axis=1, keepdims=True)
-  lowest = tf.fill(tf.shape(logits), tf.constant(logits.dtype.min, logits.dtype))
-  other_logits = tf.where(one_hot_labels > 0, lowest, logits)
-  if top_k == 1:
-    top_logits = tf.reduce_max(other_logits, axis=1, keepdims=True)
-    tied = tf.cast(tf.equal(other_logits, top_logits), logits.dtype)
-    competitors = (tied / tf.reduce_sum(tied, axis=1, keepdims=True))[:, None, :]
-  else:
-    top_logits, indices = tf.math.top_k(other_logits, k=top_k)
-    competitors = tf.one_hot(indices, tf.shape(logits)[1], dtype=logits.dtype)
+  correct_logit = ops.sum(logits * one_hot_labels, axis=1, keepdims=True)
+  lowest = ops.full_like(logits, np.finfo(standardize_dtype(logits.dtype)).min)
+  other_logits = ops.where(one_hot_labels > 0, lowest, logits)
+  top_logits, competitors = top_competitors(other_logits, top_k)
   return correct_logit - top_logits, competitors
 
 
@@ -122,7 +133,7 @@ def score_differences(logits, one_hot_labels, top_k, score="probabilities"):
     ``(differences, cotangents)``: [batch, top_k] and a list of top_k [batch,
     classes] tensors, in the dtype of ``one_hot_labels``.
   """
-  logits = tf.cast(logits, one_hot_labels.dtype)
+  logits = ops.cast(logits, one_hot_labels.dtype)
   if check_score(score) == "logits":
     if logits.shape[1] is not None and top_k >= logits.shape[1]:
       raise ValueError(
@@ -134,7 +145,7 @@ def score_differences(logits, one_hot_labels, top_k, score="probabilities"):
         one_hot_labels - competitors[:, j] for j in range(competitors.shape[1])
     ]
     return differences, cotangents
-  probs = tf.nn.softmax(logits)
+  probs = ops.softmax(logits, axis=-1)
   differences, competitors = top_k_probability_differences(probs, one_hot_labels, top_k)
   return differences, probability_difference_cotangents(
       probs, one_hot_labels, competitors
