@@ -9,7 +9,9 @@ The paper's MNIST CNN, batch 256, margin at input + conv0 + conv1, dist_norm=inf
 and their ratios to xent. It also times the activation-only backward pass (one
 forward pass and one backward pass from the logits to the margin layers), from
 which "floor k" = xent + k * (that backward pass) is what a formulation making one
-such backward pass per competing class costs.
+such backward pass per competing class costs when the passes run one after the
+other; in the margin step the k passes are independent, and TensorFlow runs them
+side by side on the cores, so the step can come in below it.
 
 Ratios depend on the machine (CPU, cores, load, TF's kernels): the first line of
 the output names it. With ``--repeats=N`` the variants are timed in N interleaved
