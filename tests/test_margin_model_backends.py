@@ -54,6 +54,7 @@ def test_the_comparison_is_meaningful(tensorflow_values):
   """Finite float64 values; the steps move the weights far beyond the tolerance and
   the margin term is active."""
   for key, value in tensorflow_values.items():
+    assert not key.startswith("error/")
     assert np.all(np.isfinite(value)), key
   for model in TOLERANCE:
     moved = tensorflow_values[f"{model}/weights"] - tensorflow_values[
@@ -68,9 +69,11 @@ def test_jax_margin_model_equals_tensorflow(model, tensorflow_values, jax_values
   """Same starting weights (so the same model), then: gradients at the margin
   layers, distances, the logged loss and margin of two steps, the weights after
   them (moving statistics included) and `evaluate`."""
-  np.testing.assert_array_equal(
-      jax_values[f"{model}/initial_weights"], tensorflow_values[f"{model}/initial_weights"]
-  )
+  key = f"{model}/initial_weights"
+  np.testing.assert_array_equal(jax_values[key], tensorflow_values[key])
+  assert [k for k in jax_values if not k.startswith("error/")] == list(
+      tensorflow_values
+  ) + [k for k in jax_values if "_parallel/" in k]
   for part in ("gradients", "distances", "history", "weights", "evaluate"):
     key = f"{model}/{part}"
     close(jax_values[key], tensorflow_values[key], TOLERANCE[model], key)
@@ -88,3 +91,9 @@ def test_data_parallel_equals_one_device(model, jax_values):
         PARALLEL_TOLERANCE[model],
         key,
     )
+
+
+def test_unsupported_cases_raise(jax_values):
+  """Subclassed models and activity regularization raise a clear error under JAX."""
+  assert "needs a functional model" in str(jax_values["error/subclassed"])
+  assert "activity regularization" in str(jax_values["error/activity"])

@@ -30,9 +30,10 @@ logits z instead of the probabilities, d_i = (z_y - z_i) / (epsilon +
 Backends. The gradients at layers come from a `tf.GradientTape` (or `tf.gradients`),
 or from a given vector-Jacobian product ``vjp`` (under JAX, `jax.vjp` of a perturbed
 forward pass: `tf_large_margin.perturbed_forward`); `margin_distances`,
-`large_margin_per_example` and `large_margin` need one of them. Everything else (the norms, the checks, `distances`, and
-`logit_margin_per_example`, Eq. 10 at the logits with the analytic cotangent) is
-written with `keras.ops` and runs under any Keras backend.
+`large_margin_per_example` and `large_margin` need one of them. Everything else
+(the norms, the checks, `distances`, and `logit_margin_per_example`, Eq. 10 at the
+logits with the analytic cotangent) is written with `keras.ops` and runs under any
+Keras backend.
 """
 
 import contextlib
@@ -417,6 +418,7 @@ def large_margin(
     layers_weights=None,
     tape=None,
     score="probabilities",
+    vjp=None,
 ):
   """The large-margin loss of Elsayed et al. 2018 (Eq. 10), as the original code.
 
@@ -461,6 +463,8 @@ def large_margin(
       with an outer tape, or with this one if it is persistent and still recording.
     score: "probabilities" (the paper) or "logits" (z_y - z_j replaces p_y - p_j
       in the distance; `tf_large_margin.margin_scores`).
+    vjp: instead of ``tape``, under any backend: the gradients at ``layers_list``
+      of <logits, cotangent> as a function of the cotangent (`margin_distances`).
 
   Returns:
     A scalar (float32 for half-precision logits, the logits' dtype otherwise).
@@ -484,6 +488,7 @@ def large_margin(
           layers_weights=layers_weights,
           tape=tape,
           score=score,
+          vjp=vjp,
       )
   )
 

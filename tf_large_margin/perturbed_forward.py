@@ -48,10 +48,16 @@ class PerturbedForward:
     self.cut_names = sorted((n for n in names if n != INPUT), key=position.get)
     cuts = [model.get_layer(name).output for name in self.cut_names]
     self.cuts = cuts
+    # A margin at the output layer: the output is the last cut, no segment follows.
+    output = model.outputs[0]
+    self.output_cut = next((l for l, cut in enumerate(cuts) if cut is output), None)
+    last = [] if self.output_cut is not None else [
+        keras.Model(model.inputs + cuts, output, name=f"{model.name}_out")
+    ]
     self.segments = [
         keras.Model(model.inputs + cuts[:l], cut, name=f"{model.name}_segment{l}")
         for l, cut in enumerate(cuts)
-    ] + [keras.Model(model.inputs + cuts, model.outputs[0], name=f"{model.name}_out")]
+    ] + last
 
   def __call__(self, x, deltas, training=False):
     """``(output, activations)``: the model's output on ``x`` with ``deltas`` (one
@@ -60,6 +66,8 @@ class PerturbedForward:
     hidden = []
     for segment, delta in zip(self.segments, deltas):
       hidden.append(segment([x] + hidden, training=training) + delta)
+    if self.output_cut is not None:
+      return hidden[self.output_cut], hidden
     return self.segments[-1]([x] + hidden, training=training), hidden
 
   def zero_deltas(self, x):
