@@ -5,7 +5,8 @@ activations its forward pass captures (``margin_layers``) and Eq. 10's
 hyper-parameters (``margin=LayerMargin(...)``). The model's `compute_loss` adds the
 margin term to Keras' compiled loss and ``model.losses``; its `train_step` records
 the forward pass on a persistent inner tape (the logits as a function of the
-activations, which the margin differentiates) inside the outer tape of the weights.
+activations, which the margin differentiates) inside the outer tape of the weights;
+under JAX the gradients at the layers come from `jax.vjp` (`perturbed_forward`).
 """
 
 import math
@@ -17,8 +18,8 @@ from keras import ops
 from tf_large_margin import compat
 from tf_large_margin import convolution
 from tf_large_margin import margin_loss
-from tf_large_margin.jax_step import JaxTotalLossStep
 from tf_large_margin import perturbed_forward
+from tf_large_margin.jax_step import JaxTotalLossStep
 from tf_large_margin.labels import to_one_hot
 from tf_large_margin.losses import LargeMarginLoss
 from tf_large_margin.losses import LayerMargin
@@ -173,9 +174,8 @@ class TotalLossStep(JaxTotalLossStep, compat.MultiWorkerFit):
     loss = self.compute_loss(
         x, y, y_pred, sample_weight, training=training, activations=activations
     )
-    self.loss_tracker.update_state(
-        unscale_for_replicas(loss), sample_weight=ops.shape(keras.tree.flatten(x)[0])[0]
-    )
+    batch_size = ops.shape(keras.tree.flatten(x)[0])[0]
+    self.loss_tracker.update_state(unscale_for_replicas(loss), sample_weight=batch_size)
     return loss, y_pred
 
   @property
@@ -292,7 +292,7 @@ class MarginTraining(TotalLossStep):
       )
     names = [name for name in self.margin_layers if name != INPUT]
     object.__setattr__(self, "_endpoints", layer_outputs_model(self, names))
-    if keras.backend.backend() == "jax":
+    if keras.backend.backend() == "jax" and self.margin is not None:
       perturbed = perturbed_forward.PerturbedForward(self, self.margin_layers)
       object.__setattr__(self, "_perturbed", perturbed)
     if self.margin is not None and self.margin.from_logits:
