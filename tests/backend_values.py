@@ -9,7 +9,7 @@ Every case is a function of float64 arrays returning a [batch] (or [batch, ...])
 tensor v; the script saves v and the gradients of sum(v * r) (r fixed random
 weights, so every entry of v matters) w.r.t. each array, computed by the backend's
 own differentiation (tf.GradientTape, jax.grad, torch.autograd), and the message
-of the error that a TensorFlow-only part (`MarginModel`) raises. Under JAX and
+of the error that a TensorFlow-only part (`JacobianModel`) raises. Under JAX and
 PyTorch TensorFlow is made unimportable first: the package and these losses must
 not need it.
 """
@@ -168,16 +168,16 @@ def cases():
 
 
 def missing_part_error():
-  """The message of ``tlm.MarginModel`` (TensorFlow-only) under this backend."""
+  """The message of ``tlm.JacobianModel`` (TensorFlow-only) under this backend."""
   try:
-    getattr(tlm, "MarginModel")
+    getattr(tlm, "JacobianModel")
   except AttributeError as error:
     return str(error)
   return ""
 
 
 def main(out):
-  results = {"error/MarginModel": np.array(missing_part_error())}
+  results = {"error/JacobianModel": np.array(missing_part_error())}
   for name, (fn, arrays) in cases().items():
     value, grads = value_and_gradients(fn, arrays)
     results[f"{name}/value"] = value

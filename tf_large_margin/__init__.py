@@ -7,8 +7,9 @@ may refer to.
 Backends: under any Keras backend (TensorFlow, JAX, PyTorch) the package loads the
 losses of the output layer (`LargeMarginLoss`, the hinge, additive and
 multiplicative margin losses), `CosineHead`, the lambda schedule and the networks
-(`architectures`, `convolution`, `normalization`); the other parts need TensorFlow
-and load only under its backend. Submodules, by concept:
+(`architectures`, `convolution`, `normalization`); `MarginModel` (`models`) loads
+under TensorFlow and JAX; the other parts need TensorFlow and load only under its
+backend. Submodules, by concept:
 
 Training with the large-margin loss (Eq. 10)
   `margin_loss`       Eq. 10 as functions: `large_margin`, `margin_distances`
@@ -17,6 +18,8 @@ Training with the large-margin loss (Eq. 10)
   `losses`            `LargeMarginLoss` (Eq. 10 at the logits, a Keras loss) and
                       `LayerMargin` (Eq. 10 at a model's layers, a model setting)
   `models`            `MarginModel`: Eq. 10 at the input and hidden layers in `fit`
+  `perturbed_forward` under JAX: the gradients at a model's layers by `jax.vjp`
+  `jax_step`          under JAX: the stateless training step of Keras' JAX trainer
   `jacobian`          `JacobianModel`: Sokolic et al.'s Jacobian regulariser
   `adversarial`       adversarial training (FGSM / iterative FGSM / PGD examples)
 Output-space margin losses
@@ -80,15 +83,17 @@ if keras.backend.backend() == "tensorflow":
   from tf_large_margin import datasets
   from tf_large_margin import jacobian
   from tf_large_margin import margin_estimation
-  from tf_large_margin import models
   from tf_large_margin import monitor
   from tf_large_margin import optimizers
   from tf_large_margin import original_recipe
   from tf_large_margin import regularizers
   from tf_large_margin.jacobian import JacobianModel
+  from tf_large_margin.monitor import MarginMonitor
+if keras.backend.backend() in ("tensorflow", "jax"):
+  # MarginModel: the gradients at layers from a tape (TensorFlow) or jax.vjp.
+  from tf_large_margin import models
   from tf_large_margin.models import MarginModel
   from tf_large_margin.models import MarginTraining
-  from tf_large_margin.monitor import MarginMonitor
 
 
 def __getattr__(name):
@@ -101,7 +106,8 @@ def __getattr__(name):
       "(KERAS_BACKEND=tensorflow). Under JAX and PyTorch the package has the "
       "losses of the output layer (LargeMarginLoss, MulticlassHinge, AMSoftmax / "
       "CosFace, ArcFace, LSoftmax, SphereFace), CosineHead, LambdaDecay and "
-      "LambdaScheduler; see the README's backend table."
+      "LambdaScheduler; under JAX also MarginModel and MarginTraining (functional "
+      "models); see the README's backend table."
   )
 
 

@@ -299,9 +299,12 @@ class LayerMargin(MarginSettings):
     self.reduction = reduction
     self._reducer = PerExampleValues(reduction=reduction, name="margin")
 
-  def per_example(self, one_hot, logits, layers_list, layers_weights=None, tape=None):
+  def per_example(
+      self, one_hot, logits, layers_list, layers_weights=None, tape=None, vjp=None
+  ):
     """The [batch] margin losses at ``layers_list`` (mean over the layers), times
-    the aggregation's weights; ``tape`` recorded ``logits`` from ``layers_list``."""
+    the aggregation's weights; ``tape`` recorded ``logits`` from ``layers_list``
+    (TensorFlow), or ``vjp`` gives the gradients at them (`margin_distances`)."""
     return self.aggregated(
         margin_loss.large_margin_per_example(
             logits=logits,
@@ -309,6 +312,7 @@ class LayerMargin(MarginSettings):
             layers_list=layers_list,
             layers_weights=layers_weights,
             tape=tape,
+            vjp=vjp,
             **self.margin_kwargs,
         ),
         logits,

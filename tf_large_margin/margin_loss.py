@@ -28,10 +28,12 @@ logits z instead of the probabilities, d_i = (z_y - z_i) / (epsilon +
 || grad_h z_y - grad_h z_i ||_q) (`tf_large_margin.margin_scores`).
 
 Backends. The gradients at layers come from a `tf.GradientTape` (or `tf.gradients`),
-so `margin_distances`, `large_margin_per_example` and `large_margin` need the
-TensorFlow backend. Everything else (the norms, the checks, `distances`, and
-`logit_margin_per_example`, Eq. 10 at the logits with the analytic cotangent) is
-written with `keras.ops` and runs under any Keras backend.
+or from a given vector-Jacobian product ``vjp`` (under JAX, `jax.vjp` of a perturbed
+forward pass: `tf_large_margin.perturbed_forward`); `margin_distances`,
+`large_margin_per_example` and `large_margin` need one of them. Everything else
+(the norms, the checks, `distances`, and `logit_margin_per_example`, Eq. 10 at the
+logits with the analytic cotangent) is written with `keras.ops` and runs under any
+Keras backend.
 """
 
 import contextlib
@@ -235,7 +237,33 @@ def _vector_jacobian_product(tape, target, sources, cotangent, record):
     return tape.gradient(target, sources, output_gradients=cotangent)
 
 
+def _tape_vjp(tape, logits, layers_list, use_approximation):
+  """The vector-Jacobian product of ``logits`` at ``layers_list`` from TensorFlow:
+  ``tape``, or `tf.gradients` in a `tf.function`; the backward pass is recorded
+  only without the approximation (the stop-gradient on the norms)."""
+  if keras.backend.backend() != "tensorflow":
+    raise ValueError(
+        "margin_distances takes the gradients at layers from TensorFlow (a "
+        "tf.GradientTape or tf.gradients) unless vjp= is given: it needs the Keras "
+        f'backend "tensorflow"; the backend is "{keras.backend.backend()}". Eq. 10 '
+        "at the logits runs on any backend: logit_margin_per_example, "
+        "LargeMarginLoss; MarginModel runs under JAX too."
+    )
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+  if tape is None and tf.executing_eagerly():
+    raise ValueError(
+        "In eager mode pass tape=: the tf.GradientTape that recorded logits "
+        "from layers_list (tf.gradients needs a tf.function)."
+    )
+  return lambda cotangent: _vector_jacobian_product(
+      tape, logits, layers_list, cotangent, record=not use_approximation
+  )
+
+
 def _describe(index, tensor):
+  if keras.backend.backend() != "tensorflow":
+    return f"layers_list[{index}] of shape {tensor.shape}"
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
   name = "" if tf.executing_eagerly() else f" ({tensor.name})"
@@ -254,6 +282,7 @@ def margin_distances(
     layers_weights=None,
     tape=None,
     score="probabilities",
+    vjp=None,
 ):
   """First-order signed distances to the top-k decision boundaries at each layer.
 
@@ -277,6 +306,9 @@ def margin_distances(
       In a `tf.function` it may be None (`tf.gradients` is used).
     score: "probabilities" (default, the paper): p_y - p_(j) as above; "logits":
       z_y - z_(j) in numerator and gradient (`tf_large_margin.margin_scores`).
+    vjp: instead of a tape, under any backend: a function from a cotangent of
+      ``logits`` to the gradients of <logits, cotangent> at ``layers_list`` (a
+      list, in order), e.g. the pullback of `jax.vjp`.
 
   Returns:
     ``(differences, distances)``: the [batch, top_k] probability margins
@@ -289,20 +321,8 @@ def margin_distances(
   layers_weights = _check_hyperparameters(
       top_k, logits.shape[1], dist_norm, len(layers_list), layers_weights
   )
-  if keras.backend.backend() != "tensorflow":
-    raise ValueError(
-        "margin_distances takes the gradients at layers from TensorFlow (a "
-        "tf.GradientTape or tf.gradients): it needs the Keras backend "
-        f'"tensorflow"; the backend is "{keras.backend.backend()}". Eq. 10 at the '
-        "logits runs on any backend: logit_margin_per_example, LargeMarginLoss."
-    )
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
-
-  if tape is None and tf.executing_eagerly():
-    raise ValueError(
-        "In eager mode pass tape=: the tf.GradientTape that recorded logits "
-        "from layers_list (tf.gradients needs a tf.function)."
-    )
+  if vjp is None:
+    vjp = _tape_vjp(tape, logits, layers_list, use_approximation)
   dual = dual_norm(dist_norm)
 
   differences, cotangents = margin_scores.score_differences(
@@ -313,13 +333,7 @@ def margin_distances(
   gradients = [[] for _ in layers_list]
   for j, cotangent in enumerate(cotangents):
     try:
-      grads = _vector_jacobian_product(
-          tape,
-          logits,
-          layers_list,
-          tf.cast(cotangent, logits.dtype),
-          record=not use_approximation,
-      )
+      grads = vjp(ops.cast(cotangent, logits.dtype))
     except RuntimeError as error:
       # tf.GradientTape.gradient raises RuntimeError when a non-persistent tape is
       # used a second time.
@@ -360,11 +374,13 @@ def large_margin_per_example(
     tape=None,
     shrinkage="clip",
     score="probabilities",
+    vjp=None,
 ):
   """Eq. 10 per example, averaged over layers: a [batch] tensor.
 
-  Its batch mean is `large_margin`; see there for the arguments, and
-  `margin_penalty.distance_loss` for ``shrinkage``.
+  Its batch mean is `large_margin`; see there for the arguments,
+  `margin_penalty.distance_loss` for ``shrinkage`` and `margin_distances` for
+  ``vjp`` (the gradients at the layers without a tape).
   """
   check_epsilon(epsilon, positive=True)
   _, layer_distances = margin_distances(
@@ -378,6 +394,7 @@ def large_margin_per_example(
       layers_weights=layers_weights,
       tape=tape,
       score=score,
+      vjp=vjp,
   )
   losses = [
       margin_penalty.distance_loss(d, gamma, alpha_factor, worst_case_loss, shrinkage)
@@ -401,6 +418,7 @@ def large_margin(
     layers_weights=None,
     tape=None,
     score="probabilities",
+    vjp=None,
 ):
   """The large-margin loss of Elsayed et al. 2018 (Eq. 10), as the original code.
 
@@ -445,6 +463,8 @@ def large_margin(
       with an outer tape, or with this one if it is persistent and still recording.
     score: "probabilities" (the paper) or "logits" (z_y - z_j replaces p_y - p_j
       in the distance; `tf_large_margin.margin_scores`).
+    vjp: instead of ``tape``, under any backend: the gradients at ``layers_list``
+      of <logits, cotangent> as a function of the cotangent (`margin_distances`).
 
   Returns:
     A scalar (float32 for half-precision logits, the logits' dtype otherwise).
@@ -468,6 +488,7 @@ def large_margin(
           layers_weights=layers_weights,
           tape=tape,
           score=score,
+          vjp=vjp,
       )
   )
 

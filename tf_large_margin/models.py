@@ -5,29 +5,39 @@ activations its forward pass captures (``margin_layers``) and Eq. 10's
 hyper-parameters (``margin=LayerMargin(...)``). The model's `compute_loss` adds the
 margin term to Keras' compiled loss and ``model.losses``; its `train_step` records
 the forward pass on a persistent inner tape (the logits as a function of the
-activations, which the margin differentiates) inside the outer tape of the weights.
+activations, which the margin differentiates) inside the outer tape of the weights;
+under JAX the gradients at the layers come from `jax.vjp` (`perturbed_forward`).
 """
 
 import math
 from typing import NamedTuple
 
 import keras
-import tensorflow as tf
+from keras import ops
 
 from tf_large_margin import compat
 from tf_large_margin import convolution
 from tf_large_margin import margin_loss
+from tf_large_margin import perturbed_forward
+from tf_large_margin.jax_step import JaxTotalLossStep
 from tf_large_margin.labels import to_one_hot
 from tf_large_margin.losses import LargeMarginLoss
 from tf_large_margin.losses import LayerMargin
 from tf_large_margin.losses import probabilities_to_logits
+from tf_large_margin.perturbed_forward import INPUT
 
-INPUT = "input"
 SIZE = "size"
 
 
 def replicas():
-  """The number of replicas a global batch is split over (1 outside tf.distribute)."""
+  """The number of replicas a global batch is split over (1 outside tf.distribute).
+
+  Under JAX it is 1: a data-parallel step (`keras.distribution.DataParallel`)
+  computes the loss of the global batch on sharded arrays."""
+  if keras.backend.backend() != "tensorflow":
+    return 1
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
   return tf.distribute.get_strategy().num_replicas_in_sync
 
 
@@ -35,14 +45,14 @@ def scale_for_replicas(loss):
   """``loss / replicas``, as Keras' losses are scaled: the gradients of the
   replicas are summed."""
   count = replicas()
-  return loss * tf.cast(1.0 / count, loss.dtype) if count > 1 else loss
+  return loss * ops.cast(1.0 / count, loss.dtype) if count > 1 else loss
 
 
 def unscale_for_replicas(loss):
   """``loss * replicas``: a replica's loss on its own batch (what the trackers
   average)."""
   count = replicas()
-  return loss * tf.cast(count, loss.dtype) if count > 1 else loss
+  return loss * ops.cast(count, loss.dtype) if count > 1 else loss
 
 
 def graph_config(model):
@@ -113,7 +123,7 @@ def applies_softmax(layer):
   )
 
 
-class TotalLossStep(compat.MultiWorkerFit):
+class TotalLossStep(JaxTotalLossStep, compat.MultiWorkerFit):
   """Mixin: Keras' ``train_step`` / ``test_step`` for a loss term that needs what the
   forward pass computed on the way (activations, the tape that recorded them).
 
@@ -123,7 +133,8 @@ class TotalLossStep(compat.MultiWorkerFit):
   term to Keras' loss (`keras_loss`). The steps are those of Keras' TensorFlow
   trainer, from public pieces: `keras.utils.unpack_x_y_sample_weight`, an outer
   tape around `total_loss`, ``optimizer.scale_loss`` / ``apply``,
-  ``compute_metrics``; the ``loss`` tracker is the model's own. While
+  ``compute_metrics``; the ``loss`` tracker is the model's own. Under JAX, Keras'
+  trainer runs `total_loss` through `jax_step.JaxTotalLossStep`. While
   ``adds_loss_term()`` is False the plain Keras steps run.
   """
 
@@ -151,7 +162,7 @@ class TotalLossStep(compat.MultiWorkerFit):
     """Keras' `compute_loss`: the compiled loss plus ``model.losses`` (0 when there
     is neither, e.g. ``compile(loss=None)`` with the margin term alone)."""
     if self.loss is None and not self.losses:
-      return tf.zeros((), keras.config.floatx())
+      return ops.zeros((), keras.config.floatx())
     return super().compute_loss(x, y, y_pred, sample_weight, training=training)
 
   def total_loss(self, x, y, sample_weight=None, training=False):
@@ -163,9 +174,8 @@ class TotalLossStep(compat.MultiWorkerFit):
     loss = self.compute_loss(
         x, y, y_pred, sample_weight, training=training, activations=activations
     )
-    self.loss_tracker.update_state(
-        unscale_for_replicas(loss), sample_weight=tf.shape(tf.nest.flatten(x)[0])[0]
-    )
+    batch_size = ops.shape(keras.tree.flatten(x)[0])[0]
+    self.loss_tracker.update_state(unscale_for_replicas(loss), sample_weight=batch_size)
     return loss, y_pred
 
   @property
@@ -179,9 +189,16 @@ class TotalLossStep(compat.MultiWorkerFit):
       return metrics
     return [self.loss_tracker] + [m for m in metrics if m.name != "loss"] + own[1:]
 
-  def train_step(self, data):
+  def train_step(self, *args):
+    """TensorFlow: the step on ``data``; JAX: Keras' step on ``(state, data)``,
+    which differentiates `JaxTotalLossStep.compute_loss_and_updates`."""
+    if keras.backend.backend() == "jax":
+      return super().train_step(*args)
+    (data,) = args
     if not self.adds_loss_term():
       return compat.logs_for_reduction(super().train_step(data))
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     with tf.GradientTape() as tape:
       loss, y_pred = self.total_loss(x, y, sample_weight, training=True)
@@ -192,7 +209,10 @@ class TotalLossStep(compat.MultiWorkerFit):
         self.compute_metrics(x, y, y_pred, sample_weight)
     )
 
-  def test_step(self, data):
+  def test_step(self, *args):
+    if keras.backend.backend() == "jax":
+      return super().test_step(*args)
+    (data,) = args
     if not self.adds_loss_term():
       return compat.logs_for_reduction(super().test_step(data))
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
@@ -209,12 +229,16 @@ class MarginActivations(NamedTuple):
     logits: the logits (log p for a probabilities output, ``from_logits=False``).
     layers: the activations of ``margin_layers``, in that order (the input for
       "input").
-    tape: the persistent tape that recorded ``logits`` from ``layers``.
+    tape: TensorFlow: the persistent `tf.GradientTape` that recorded ``logits``
+      from ``layers``.
+    vjp: JAX: the function from a cotangent of ``logits`` to the gradients at
+      ``layers`` (`perturbed_forward.PerturbedForward.jax_vjp`).
   """
 
-  logits: tf.Tensor
+  logits: object
   layers: list
-  tape: tf.GradientTape
+  tape: object = None
+  vjp: object = None
 
 
 class MarginTraining(TotalLossStep):
@@ -268,6 +292,9 @@ class MarginTraining(TotalLossStep):
       )
     names = [name for name in self.margin_layers if name != INPUT]
     object.__setattr__(self, "_endpoints", layer_outputs_model(self, names))
+    if keras.backend.backend() == "jax" and self.margin is not None:
+      perturbed = perturbed_forward.PerturbedForward(self, self.margin_layers)
+      object.__setattr__(self, "_perturbed", perturbed)
     if self.margin is not None and self.margin.from_logits:
       layer = output_layer(self)
       if layer is not None and applies_softmax(layer):
@@ -283,7 +310,7 @@ class MarginTraining(TotalLossStep):
 
     Functional models get it from their layer graph; subclassed models override it.
     """
-    output, *hidden = tf.nest.flatten(self._endpoints(x, training=training))
+    output, *hidden = keras.tree.flatten(self._endpoints(x, training=training))
     return output, hidden
 
   def _layers_weights(self, layers_list):
@@ -305,7 +332,7 @@ class MarginTraining(TotalLossStep):
     ``margin_layers`` say.
     """
     if self.margin is None and any(
-        isinstance(l, LargeMarginLoss) for l in tf.nest.flatten(loss)
+        isinstance(l, LargeMarginLoss) for l in keras.tree.flatten(loss)
     ):
       raise ValueError(
           f"{type(self).__name__} has no margin setting (margin=None) but is "
@@ -329,10 +356,24 @@ class MarginTraining(TotalLossStep):
 
     The persistent inner tape watches the input and records the logits (log p of
     a probabilities output, ``margin.from_logits=False``) from the activations of
-    ``margin_layers``.
+    ``margin_layers``. Under JAX the activations come from a perturbed forward
+    pass and their gradients from `jax.vjp`
+    (`perturbed_forward.PerturbedForward.jax_vjp`).
     """
-    x = tf.convert_to_tensor(x)
     from_logits = self.margin is None or self.margin.from_logits
+    if keras.backend.backend() == "jax":
+      perturbed = getattr(self, "_perturbed", None)
+      if perturbed is None:
+        raise ValueError(
+            f"{type(self).__name__} has no layer graph: the margin under JAX needs "
+            "a functional model (MarginModel)."
+        )
+      to_logits = (lambda z: z) if from_logits else probabilities_to_logits
+      y_pred, logits, layers, vjp = perturbed.jax_vjp(x, training, to_logits)
+      return y_pred, MarginActivations(logits, layers, vjp=vjp)
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+    x = tf.convert_to_tensor(x)
     with tf.GradientTape(persistent=True) as tape:
       tape.watch(x)
       y_pred, hidden = self.margin_endpoints(x, training=training)
@@ -345,11 +386,16 @@ class MarginTraining(TotalLossStep):
     """The margin term of the loss: ``margin`` at the margin layers, per example,
     reduced as a compiled Keras loss (sample weights, reduction, tf.distribute
     scaling). Updates the ``margin`` tracker."""
-    logits, layers, tape = activations
+    logits, layers = activations.logits, activations.layers
     one_hot = to_one_hot(y, logits.shape[-1])
     try:
       values = self.margin.per_example(
-          one_hot, logits, layers, self._layers_weights(layers), tape
+          one_hot,
+          logits,
+          layers,
+          self._layers_weights(layers),
+          tape=activations.tape,
+          vjp=activations.vjp,
       )
     except ValueError as error:
       raise ValueError(
@@ -357,7 +403,7 @@ class MarginTraining(TotalLossStep):
       ) from error
     term = self.margin.reduce(values, sample_weight)
     self.margin_tracker.update_state(
-        unscale_for_replicas(term), sample_weight=tf.shape(logits)[0]
+        unscale_for_replicas(term), sample_weight=ops.shape(logits)[0]
     )
     return term
 
@@ -373,7 +419,7 @@ class MarginTraining(TotalLossStep):
     """
     if self.margin is None:
       raise ValueError(f"{type(self).__name__} has no margin setting (margin=None).")
-    _, (logits, layers, tape) = self.forward_pass(x, training=False)
+    _, (logits, layers, tape, vjp) = self.forward_pass(x, training=False)
     _, distances = margin_loss.margin_distances(
         logits=logits,
         one_hot_labels=to_one_hot(y, logits.shape[-1]),
@@ -383,6 +429,7 @@ class MarginTraining(TotalLossStep):
         epsilon=self.margin.epsilon,
         layers_weights=self._layers_weights(layers),
         tape=tape,
+        vjp=vjp,
         score=self.margin.score,
     )
     return distances
@@ -410,7 +457,7 @@ class MarginTraining(TotalLossStep):
     if activations is None:
       _, activations = self.forward_pass(x, training=training)
     term = self.margin_term(y, activations, sample_weight)
-    return term + tf.cast(loss, term.dtype)
+    return term + ops.cast(loss, term.dtype)
 
   def get_config(self):
     config = super().get_config()
