@@ -18,12 +18,21 @@ the output names it. With ``--repeats=N`` the variants are timed in N interleave
 rounds (each round times every variant once, in turn), each ratio is taken within
 its round, and its min / median / max over the rounds is printed.
 
+With ``--backend=jax`` the same script then times, in a subprocess under
+KERAS_BACKEND=jax, the cross-entropy and margin steps of the same network under
+JAX (`MarginModel`'s `jax.vjp` step, always compiled with XLA) and prints them
+beside TensorFlow's: absolute ms/step and ratios to each backend's cross-entropy
+(the TensorFlow rounds first, then the JAX rounds).
+
   python benchmarks/step_time.py [--batch_size=256] [--steps=10] [--repeats=1]
-      [--jit_compile]
+      [--jit_compile] [--backend=tensorflow|jax]
 """
 
+import json
 import os
 import platform
+import subprocess
+import sys
 import time
 
 from absl import app
@@ -47,6 +56,16 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_boolean(
     "jit_compile", False, "Compile every variant's step with XLA (jit_compile=True)."
+)
+flags.DEFINE_enum(
+    "backend",
+    "tensorflow",
+    ["tensorflow", "jax"],
+    "jax: also time the steps under the JAX backend (in a subprocess) and print "
+    "them beside TensorFlow's.",
+)
+flags.DEFINE_boolean(
+    "rounds_json", False, "Print only the rounds' times as JSON (the JAX subprocess)."
 )
 FLAGS = flags.FLAGS
 
@@ -94,7 +113,7 @@ class OriginalFormulation(tlm.MarginModel):
 
   def margin_term(self, y, activations, sample_weight=None):
     del sample_weight
-    logits, layers_list, _ = activations
+    logits, layers_list = activations.logits, activations.layers
     settings = self.margin.margin_kwargs
     term = original_large_margin(
         logits,
@@ -196,9 +215,8 @@ def build(cls, margin):
       layers_weights="size",
   )
   loss = None if margin else "sparse_categorical_crossentropy"
-  model.compile(
-      keras.optimizers.RMSprop(1e-3), loss=loss, jit_compile=FLAGS.jit_compile
-  )
+  jit_compile = FLAGS.jit_compile or keras.backend.backend() == "jax"
+  model.compile(keras.optimizers.RMSprop(1e-3), loss=loss, jit_compile=jit_compile)
   return model
 
 
@@ -206,10 +224,10 @@ def spread(values):
   return f"{min(values):5.2f} / {np.median(values):5.2f} / {max(values):5.2f}"
 
 
-def main(_):
-  rng = np.random.default_rng(0)
-  x = rng.uniform(size=(FLAGS.batch_size, 28, 28, 1)).astype("float32")
-  y = rng.integers(0, 10, size=FLAGS.batch_size)
+def timed_rounds(x, y):
+  """The variants' median step times (seconds) in each of --repeats rounds: under
+  TensorFlow all variants and the activation-only pass, under JAX the
+  cross-entropy and margin steps."""
   margin = lambda k: tlm.LayerMargin(
       gamma=1e4, alpha_factor=4.0, top_k=k, dist_norm=np.inf, epsilon=1e-6
   )
@@ -220,16 +238,58 @@ def main(_):
       ("margin k=9", tlm.MarginModel, margin(9)),
       ("original k=9", OriginalFormulation, margin(9)),
   ]
+  tensorflow = keras.backend.backend() == "tensorflow"
   calls = {
-      name: training_step(build(cls, setting), x, y) for name, cls, setting in variants
+      name: training_step(build(cls, setting), x, y)
+      for name, cls, setting in variants
+      if tensorflow or cls is tlm.MarginModel
   }
-  calls["forward"], calls["forward+backward"] = activation_backward(tf.constant(x))
+  if tensorflow:
+    calls["forward"], calls["forward+backward"] = activation_backward(tf.constant(x))
   # Round r times every call once, in turn: a change of the machine's load moves
   # all variants of a round together, and each ratio is taken within its round.
-  rounds = [
+  return [
       {name: median_seconds(call, FLAGS.steps) for name, call in calls.items()}
       for _ in range(FLAGS.repeats)
   ]
+
+
+def jax_rounds():
+  """`timed_rounds` under the JAX backend, from a subprocess of this script."""
+  command = [sys.executable, os.path.abspath(__file__), "--rounds_json"] + [
+      f"--{name}={FLAGS[name].value}" for name in ("batch_size", "steps", "repeats")
+  ]
+  result = subprocess.run(
+      command,
+      env=dict(os.environ, KERAS_BACKEND="jax"),
+      capture_output=True,
+      text=True,
+      check=True,
+  )
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def print_table(rounds, reference=None):
+  """ms/step and ratios to the rounds' xent (and to ``reference`` ms, if given)."""
+  header = f"{'':14s} {'ms/step':>8s}   x xent (min / median / max over rounds)"
+  print(header + ("   x TensorFlow xent" if reference else ""))
+  for name in rounds[0]:
+    seconds = [times[name] for times in rounds]
+    ratios = [times[name] / times["xent"] for times in rounds]
+    line = f"{name:14s} {np.median(seconds) * 1e3:8.1f}   {spread(ratios)}"
+    if reference:
+      line += f"   {np.median(seconds) * 1e3 / reference:5.2f}"
+    print(line)
+
+
+def main(_):
+  rng = np.random.default_rng(0)
+  x = rng.uniform(size=(FLAGS.batch_size, 28, 28, 1)).astype("float32")
+  y = rng.integers(0, 10, size=FLAGS.batch_size)
+  rounds = timed_rounds(x, y)
+  if FLAGS.rounds_json:
+    print(json.dumps(rounds))
+    return
   for times in rounds:
     backward = times.pop("forward+backward") - times.pop("forward")
     times["floor k=1"] = times["xent"] + backward
@@ -241,11 +301,7 @@ def main(_):
       f"variant, {len(tf.config.list_logical_devices('CPU'))} CPU device(s), "
       f"jit_compile={FLAGS.jit_compile}"
   )
-  print(f"{'':14s} {'ms/step':>8s}   x xent (min / median / max over rounds)")
-  for name in rounds[0]:
-    seconds = [times[name] for times in rounds]
-    ratios = [times[name] / times["xent"] for times in rounds]
-    print(f"{name:14s} {np.median(seconds) * 1e3:8.1f}   {spread(ratios)}")
+  print_table(rounds)
   print(
       "backward pass: one activation-only backward pass (logits to the margin layers)"
   )
@@ -255,6 +311,11 @@ def main(_):
         f"k={k}: margin step is {spread(speedups)}x faster than the original "
         "formulation"
     )
+  if FLAGS.backend == "jax":
+    import jax  # pylint: disable=import-outside-toplevel
+
+    print(f"JAX {jax.__version__} (jit_compile=True), the same network and batch:")
+    print_table(jax_rounds(), np.median([t["xent"] for t in rounds]) * 1e3)
 
 
 if __name__ == "__main__":
