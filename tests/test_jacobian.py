@@ -124,6 +124,11 @@ def test_training_lowers_the_penalty_and_round_trips(tmp_path):
   np.testing.assert_array_equal(
       loaded.predict(x, verbose=0), model.predict(x, verbose=0)
   )
+  # Loading compiles it again (the library's compile hook keeps Keras'
+  # compile_from_config working): the same loss and optimizer state.
+  assert loaded.compiled and isinstance(loaded.optimizer, keras.optimizers.Adam)
+  assert isinstance(loaded.loss, keras.losses.SparseCategoricalCrossentropy)
+  assert int(loaded.optimizer.iterations) == int(model.optimizer.iterations)
 
 
 @pytest.mark.parametrize(

@@ -148,6 +148,13 @@ class TotalLossStep(JaxTotalLossStep, compat.MultiWorkerFit):
     super().compile(*args, **kwargs)
     convolution.use_xla_gradients(self, self.jit_compile)
 
+  def compile_from_config(self, config):
+    """Keras' `compile_from_config` (the saved compile arguments, on loading),
+    through this class's `compile`; builds the optimizer of a built model."""
+    self.compile(**keras.saving.deserialize_keras_object(config))
+    if self.built:
+      self.optimizer.build(self.trainable_variables)
+
   def adds_loss_term(self):
     return True
 
@@ -343,13 +350,6 @@ class MarginTraining(TotalLossStep):
           "margin alone compile a plain keras.Model."
       )
     super().compile(optimizer, loss, *args, **kwargs)
-
-  def compile_from_config(self, config):
-    """Keras' `compile_from_config` (the saved compile arguments, on loading),
-    through this class's `compile`; builds the optimizer of a built model."""
-    self.compile(**keras.saving.deserialize_keras_object(config))
-    if self.built:
-      self.optimizer.build(self.trainable_variables)
 
   def forward_pass(self, x, training=False):
     """One forward pass recorded for the margin: ``(y_pred, MarginActivations)``.
