@@ -13,7 +13,7 @@ Two models, with fixed numpy weights:
          TF's moments stop the mean's gradient in the variance, JAX's do not);
          margin at ["input", "b", "a", "out"] (not in graph order; "out" is
          the logits layer), top_k=2.
-  paper  the paper's MNIST network (`architectures.mnist_cnn`: FewChannelConv2D,
+  paper  the paper's MNIST network (`architectures.mnist_cnn`: DepthwiseGradientConv2D,
          BatchNormalizationTF1, float32 logits) on 8x8 inputs, margin at
          ["input", "conv0", "conv1"], use_approximation=False, dist_norm=inf.
 

@@ -59,11 +59,11 @@ def test_mnist_cnn_is_the_original_network():
   kinds = [(type(l).__name__, l.name) for l in model.layers]
   assert kinds == [
       ("InputLayer", "image"),
-      ("FewChannelConv2D", "conv0_conv"),
+      ("DepthwiseGradientConv2D", "conv0_conv"),
       ("ReLU", "conv0_relu"),
       ("MaxPooling2D", "conv0_pool"),
       ("BatchNormalizationTF1", "conv0"),
-      ("FewChannelConv2D", "conv1_conv"),
+      ("DepthwiseGradientConv2D", "conv1_conv"),
       ("ReLU", "conv1_relu"),
       ("MaxPooling2D", "conv1_pool"),
       ("BatchNormalizationTF1", "conv1"),

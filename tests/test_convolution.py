@@ -1,4 +1,4 @@
-"""FewChannelConv2D against keras.layers.Conv2D and a numpy input gradient."""
+"""DepthwiseGradientConv2D against keras.layers.Conv2D and a numpy input gradient."""
 
 import keras
 import numpy as np
@@ -8,7 +8,7 @@ import tensorflow as tf
 import tf_large_margin as tlm
 from tf_large_margin import architectures
 from tf_large_margin import convolution
-from tf_large_margin.convolution import FewChannelConv2D
+from tf_large_margin.convolution import DepthwiseGradientConv2D
 
 CASES = [
     # (input channels, kernel size, padding)
@@ -43,11 +43,11 @@ def numpy_input_gradient(dy, kernel, padding):
 
 
 def pair(cin, kernel_size, padding, rng, dtype="float64"):
-  """A Conv2D and a FewChannelConv2D with the same weights, and an input."""
+  """A Conv2D and a DepthwiseGradientConv2D with the same weights, and an input."""
   x = tf.constant(rng.normal(size=(3, 7, 6, cin)), dtype)
   layers = [
       cls(5, kernel_size, padding=padding, activation="relu", dtype=dtype)
-      for cls in (keras.layers.Conv2D, FewChannelConv2D)
+      for cls in (keras.layers.Conv2D, DepthwiseGradientConv2D)
   ]
   for layer in layers:
     layer.build(x.shape)
@@ -107,11 +107,11 @@ def test_the_depthwise_path_runs_only_where_it_applies():
   """Strides, dilation and many channels fall back to Conv2D; so does XLA."""
   x = tf.zeros((1, 8, 8, 1))
   many = tf.zeros((1, 8, 8, convolution.MAX_INPUT_CHANNELS + 1))
-  assert FewChannelConv2D(2, 3)._uses_depthwise_gradient(x)
-  assert not FewChannelConv2D(2, 3)._uses_depthwise_gradient(many)
-  assert not FewChannelConv2D(2, 3, strides=2)._uses_depthwise_gradient(x)
-  assert not FewChannelConv2D(2, 3, dilation_rate=2)._uses_depthwise_gradient(x)
-  under_xla = FewChannelConv2D(2, 3)
+  assert DepthwiseGradientConv2D(2, 3)._uses_depthwise_gradient(x)
+  assert not DepthwiseGradientConv2D(2, 3)._uses_depthwise_gradient(many)
+  assert not DepthwiseGradientConv2D(2, 3, strides=2)._uses_depthwise_gradient(x)
+  assert not DepthwiseGradientConv2D(2, 3, dilation_rate=2)._uses_depthwise_gradient(x)
+  under_xla = DepthwiseGradientConv2D(2, 3)
   under_xla.under_xla = True
   assert not under_xla._uses_depthwise_gradient(x)
 
@@ -120,7 +120,7 @@ def test_strided_layer_still_equals_conv2d():
   rng = np.random.default_rng(3)
   x = tf.constant(rng.normal(size=(2, 9, 9, 1)))
   reference = keras.layers.Conv2D(4, 3, strides=2, dtype="float64")
-  layer = FewChannelConv2D(4, 3, strides=2, dtype="float64")
+  layer = DepthwiseGradientConv2D(4, 3, strides=2, dtype="float64")
   reference.build(x.shape)
   layer.build(x.shape)
   layer.set_weights(reference.get_weights())
@@ -137,15 +137,15 @@ def test_model_compile_tells_the_layers_about_xla(jit_compile):
   )
   model.compile("sgd", jit_compile=jit_compile)
   flags = [
-      layer.under_xla for layer in model.layers if isinstance(layer, FewChannelConv2D)
+      layer.under_xla for layer in model.layers if isinstance(layer, DepthwiseGradientConv2D)
   ]
   assert flags == [jit_compile, jit_compile]
 
 
 def test_round_trips_through_its_config():
-  layer = FewChannelConv2D(3, 5, padding="same", use_bias=False)
+  layer = DepthwiseGradientConv2D(3, 5, padding="same", use_bias=False)
   restored = keras.saving.deserialize_keras_object(
       keras.saving.serialize_keras_object(layer)
   )
-  assert type(restored) is FewChannelConv2D
+  assert type(restored) is DepthwiseGradientConv2D
   assert restored.get_config() == layer.get_config()

@@ -37,7 +37,7 @@ Measuring margins and robustness
   `monitor`           `MarginMonitor`, a callback logging margin distributions
 Data, networks and the original recipe
   `datasets` (file formats in `dataset_files`), `architectures`, `convolution`
-  (`FewChannelConv2D`: a fast input gradient for the margin at the input),
+  (`DepthwiseGradientConv2D`: a fast input gradient for the margin at the input),
   `normalization` (TF1 batch norm), `optimizers` (TF1 RMSProp), `regularizers` (TF1 weight decay),
   `original_recipe` (the original MNIST training recipe); `compat` fences the few
   Keras internals the package needs
@@ -62,7 +62,7 @@ from tf_large_margin.additive_margin_losses import AMSoftmax
 from tf_large_margin.additive_margin_losses import ArcFace
 from tf_large_margin.additive_margin_losses import CosFace
 from tf_large_margin.callbacks import LambdaScheduler
-from tf_large_margin.convolution import FewChannelConv2D
+from tf_large_margin.convolution import DepthwiseGradientConv2D
 from tf_large_margin.hinge_loss import MulticlassHinge
 from tf_large_margin.layers import CosineHead
 from tf_large_margin.losses import LargeMarginLoss

@@ -2,7 +2,7 @@
 
 import keras
 
-from tf_large_margin.convolution import FewChannelConv2D
+from tf_large_margin.convolution import DepthwiseGradientConv2D
 from tf_large_margin.normalization import BatchNormalizationTF1
 
 
@@ -12,7 +12,7 @@ def mnist_cnn(num_classes=10, input_shape=(28, 28, 1), name="mnist_cnn"):
   Per block i = 0, 1 (32 then 64 filters), as the original `MNISTNetwork` with
   batch norm on:
 
-      conv{i}_conv  5x5 convolution, same padding, no bias, ReLU (`FewChannelConv2D`:
+      conv{i}_conv  5x5 convolution, same padding, no bias, ReLU (`DepthwiseGradientConv2D`:
                     Conv2D with a faster input gradient for conv0's 1 channel)
       conv{i}_relu  ReLU again (the original applies the activation twice)
       conv{i}_pool  2x2 max-pooling, stride 2
@@ -28,7 +28,7 @@ def mnist_cnn(num_classes=10, input_shape=(28, 28, 1), name="mnist_cnn"):
   inputs = keras.Input(input_shape, name="image")
   h = inputs
   for i, filters in enumerate((32, 64)):
-    h = FewChannelConv2D(
+    h = DepthwiseGradientConv2D(
         filters,
         5,
         padding="same",

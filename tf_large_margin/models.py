@@ -143,7 +143,7 @@ class TotalLossStep(JaxTotalLossStep, compat.MultiWorkerFit):
     self.loss_tracker = keras.metrics.Mean(name="loss")
 
   def compile(self, *args, **kwargs):
-    """`keras.Model.compile`; tells the `FewChannelConv2D` layers whether the steps
+    """`keras.Model.compile`; tells the `DepthwiseGradientConv2D` layers whether the steps
     are compiled with XLA (``jit_compile``, resolved by Keras)."""
     super().compile(*args, **kwargs)
     convolution.use_xla_gradients(self, self.jit_compile)
