@@ -11,8 +11,10 @@ from tf_large_margin import convolution
 from tf_large_margin.convolution import DepthwiseGradientConv2D
 
 CASES = [
-    # (input channels, kernel size, padding)
+    # (input channels, kernel size, padding); one input channel takes the depthwise
+    # path, more fall back to Conv2D (convolution.MAX_INPUT_CHANNELS).
     (1, 5, "same"),
+    (1, 3, "valid"),
     (3, 4, "same"),  # even kernel: TensorFlow's SAME pads one more after
     (2, 3, "valid"),
     (1, (2, 3), "same"),
