@@ -14,16 +14,11 @@ PyTorch TensorFlow is made unimportable first: the package and these losses must
 not need it.
 """
 
-import os
 import sys
 
 import numpy as np
 
-BACKEND = os.environ["KERAS_BACKEND"]
-if BACKEND != "tensorflow":
-  sys.modules["tensorflow"] = None  # any import of TensorFlow now fails
-if BACKEND == "jax":
-  os.environ["JAX_ENABLE_X64"] = "1"
+from backend_subprocess import BACKEND  # first: before Keras
 
 # pylint: disable=wrong-import-position
 import keras
@@ -31,7 +26,6 @@ from keras import ops
 
 import tf_large_margin as tlm
 
-keras.config.set_floatx("float64")
 RNG = np.random.default_rng(0)
 BATCH, CLASSES = 12, 5
 

@@ -29,23 +29,16 @@ TensorFlow is made unimportable under JAX: the model must not need it. Under JAX
 the script also records the errors of the cases not supported there yet.
 """
 
-import os
 import sys
 
 import numpy as np
 
-BACKEND = os.environ["KERAS_BACKEND"]
-if BACKEND != "tensorflow":
-  sys.modules["tensorflow"] = None  # any import of TensorFlow now fails
-if BACKEND == "jax":
-  os.environ["JAX_ENABLE_X64"] = "1"
+from backend_subprocess import BACKEND  # first: before Keras
 
 # pylint: disable=wrong-import-position
 import keras
 
 import tf_large_margin as tlm
-
-keras.config.set_floatx("float64")
 
 
 def skip_model():
