@@ -3,6 +3,7 @@
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from tf_large_margin import architectures
 
@@ -79,10 +80,34 @@ def test_mnist_cnn_is_the_original_network():
         "same",
         False,
     )
-    assert conv.activation is keras.activations.relu
+    assert conv.activation is keras.activations.linear
     bn = model.get_layer(f"conv{i}")
     assert (bn.momentum, bn.epsilon) == (0.9, 1e-5)
   assert tuple(model.get_layer("conv0").output.shape[1:]) == (14, 14, 32)
   assert tuple(model.get_layer("conv1").output.shape[1:]) == (7, 7, 64)
   assert model.get_layer("fc0").activation is keras.activations.relu
   assert model.count_params() == 800 + 4 * 32 + 51200 + 4 * 64 + 3136 * 512 + 512 + 5130
+
+
+def test_mnist_cnn_one_relu_equals_the_originals_two_bit_for_bit():
+  """The original's conv(ReLU) -> ReLU: the same outputs, weight and input
+  gradients (training mode, batch norm's batch statistics) to the last bit."""
+  model = architectures.mnist_cnn()
+  config = model.get_config()
+  for layer in config["layers"]:
+    if layer["name"].endswith("_conv"):
+      layer["config"]["activation"] = "relu"
+  twice = keras.Model.from_config(config)
+  twice.set_weights(model.get_weights())
+  assert twice.get_layer("conv0_conv").activation is keras.activations.relu
+  x = tf.constant(np.random.default_rng(0).normal(size=(16, 28, 28, 1)), "float32")
+
+  def outputs_and_gradients(network):
+    with tf.GradientTape() as tape:
+      tape.watch(x)
+      logits = network(x, training=True)
+      loss = tf.reduce_sum(tf.sin(logits))
+    return [logits, *tape.gradient(loss, [x, *network.trainable_weights])]
+
+  for got, expected in zip(outputs_and_gradients(model), outputs_and_gradients(twice)):
+    np.testing.assert_array_equal(got, expected)

@@ -83,17 +83,23 @@ def _first_and_second_order(forward, x, gamma, dy):
   return [dx, dgamma, *outer.gradient(second, [x, gamma])]
 
 
-@pytest.mark.parametrize("shape", [(6, 4, 3, 5), (9, 3)])
-def test_training_gradients_to_second_order(shape):
+@pytest.mark.parametrize("shape", [(6, 4, 3, 5), (9, 3), (4, 7, 3)])
+@pytest.mark.parametrize(
+    # float64: `normalization_gradient`; float32: TensorFlow's fused kernel (on
+    # CPU), against the same values differentiated in float64.
+    "dtype, tolerance", [("float64", 1e-10), ("float32", 2e-5)]
+)
+def test_training_gradients_to_second_order(shape, dtype, tolerance):
   rng = np.random.default_rng(len(shape))
-  x = tf.constant(rng.normal(2.0, 3.0, size=shape))
-  dy = tf.constant(rng.normal(size=shape))
-  beta = tf.constant(rng.normal(size=shape[-1]))
-  layer = BatchNormalizationTF1(momentum=0.9, epsilon=1e-5, dtype="float64")
+  as_dtype = lambda values: tf.constant(values.astype(dtype))
+  x = as_dtype(rng.normal(2.0, 3.0, size=shape))
+  dy = as_dtype(rng.normal(size=shape))
+  beta = as_dtype(rng.normal(size=shape[-1]))
+  layer = BatchNormalizationTF1(momentum=0.9, epsilon=1e-5, dtype=dtype)
   layer.build(shape)
   layer.beta.assign(beta)
 
-  gamma = tf.constant(rng.normal(size=shape[-1]))
+  gamma = as_dtype(rng.normal(size=shape[-1]))
   layer.gamma.assign(gamma)
   with tf.GradientTape(persistent=True) as outer:
     outer.watch(x)
@@ -105,12 +111,15 @@ def test_training_gradients_to_second_order(shape):
     )
     second = tf.reduce_sum(dx**2) + tf.reduce_sum(dx * x)
   got = [dx, dgamma, *outer.gradient(second, [x, layer.gamma]), dbeta]
+  x, gamma, dy, beta = (tf.cast(t, "float64") for t in (x, gamma, dy, beta))
   expected = _first_and_second_order(
       lambda x, g: _batch_norm_by_autodiff(x, g, beta, 1e-5), x, gamma, dy
   )
   expected.append(tf.reduce_sum(dy, axis=list(range(len(shape) - 1))))
   for g, e in zip(got, expected):
-    np.testing.assert_allclose(g, e, rtol=1e-10, atol=1e-10)
+    assert g.dtype == dtype
+    scale = np.abs(e).max()
+    np.testing.assert_allclose(g, e, rtol=tolerance, atol=tolerance * scale)
 
 
 def test_written_out_gradient_against_autodiff_statistics():
