@@ -24,8 +24,8 @@ import step_time
 FLAGS = step_time.FLAGS
 
 LAYERS = [
-    "fc0", "flatten", "conv1", "conv1_pool", "conv1_relu", "conv1_conv",
-    "conv0", "conv0_pool", "conv0_relu", "conv0_conv",
+    "fc0", "flatten", "conv1", "conv1_relu", "conv1_pool", "conv1_conv",
+    "conv0", "conv0_relu", "conv0_pool", "conv0_conv",
 ]
 
 

@@ -7,23 +7,25 @@ from tf_large_margin.normalization import BatchNormalizationTF1
 
 
 def mnist_cnn(num_classes=10, input_shape=(28, 28, 1), name="mnist_cnn"):
-  """The MNIST CNN of Elsayed et al. 2018, layer for layer as the original code.
+  """The MNIST CNN of Elsayed et al. 2018: the original's network, same values and gradients.
 
   Per block i = 0, 1 (32 then 64 filters), as the original `MNISTNetwork` with
   batch norm on:
 
       conv{i}_conv  5x5 convolution, same padding, no bias (`DepthwiseGradientConv2D`:
                     Conv2D with a faster input gradient for conv0's 1 channel)
-      conv{i}_relu  ReLU
       conv{i}_pool  2x2 max-pooling, stride 2
+      conv{i}_relu  ReLU
       conv{i}       batch normalisation (momentum 0.9, epsilon 1e-5), moving
                     variance updated as TF1 (`BatchNormalizationTF1`)
 
-  The original applies the ReLU twice (as the convolution's activation, then
-  again); relu(relu(z)) = relu(z) and both backward masks are z > 0, so one ReLU
-  gives the same values and gradients bit for bit with one pass fewer over the
-  largest activations each way. Then flatten, "fc0" (512 units, ReLU) and
-  "logits" (``num_classes`` units). The
+  then flatten, "fc0" (512 units, ReLU) and "logits" (``num_classes`` units). The
+  original applies the ReLU twice before the max-pool (as the convolution's
+  activation, then again); relu(relu(z)) = relu(z) and max-pooling commutes with
+  the ReLU, and the backward passes route each cotangent to the same position
+  (a window's maximum if it is positive, nowhere otherwise), so one ReLU after
+  the pool gives the same values and gradients bit for bit (test) with three of
+  the four passes over the largest activations gone (forward and backward). The
   block outputs "conv0" [14, 14, 32] and "conv1" [7, 7, 64] are the batch-norm
   outputs: the original's margin endpoints ``conv_layer0`` / ``conv_layer1``, which
   with "input" are the margin layers of its MNIST configuration. Kernels are
@@ -39,8 +41,8 @@ def mnist_cnn(num_classes=10, input_shape=(28, 28, 1), name="mnist_cnn"):
         use_bias=False,
         name=f"conv{i}_conv",
     )(h)
-    h = keras.layers.ReLU(name=f"conv{i}_relu")(h)
     h = keras.layers.MaxPooling2D(2, name=f"conv{i}_pool")(h)
+    h = keras.layers.ReLU(name=f"conv{i}_relu")(h)
     h = BatchNormalizationTF1(momentum=0.9, epsilon=1e-5, name=f"conv{i}")(h)
   h = keras.layers.Flatten(name="flatten")(h)
   h = keras.layers.Dense(512, activation="relu", name="fc0")(h)
