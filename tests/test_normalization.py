@@ -137,3 +137,22 @@ def test_written_out_gradient_against_autodiff_statistics():
   got = normalization_gradient(dy, x, mean, variance, gamma, 1e-3)
   for g, e in zip(got, expected):
     np.testing.assert_allclose(g, e, rtol=1e-12, atol=1e-12)
+
+
+def test_synchronized_is_keras_own():
+  """synchronized=True: Keras' layer throughout (statistics, gradients and the
+  moving-variance update across replicas), not the one-replica TF1 path."""
+  rng = np.random.default_rng(3)
+  x = tf.constant(rng.normal(1.0, 2.0, size=(6, 3, 3, 4)).astype("float32"))
+  dy = tf.constant(rng.normal(size=x.shape).astype("float32"))
+  results = []
+  for layer in (
+      BatchNormalizationTF1(momentum=0.5, synchronized=True),
+      keras.layers.BatchNormalization(momentum=0.5, synchronized=True),
+  ):
+    with tf.GradientTape() as tape:
+      tape.watch(x)
+      y = layer(x, training=True)
+    results.append([y, tape.gradient(y, x, output_gradients=dy), layer.moving_variance])
+  for got, expected in zip(*results):
+    np.testing.assert_array_equal(got, expected)

@@ -75,7 +75,12 @@ class BatchNormalizationTF1(keras.layers.BatchNormalization):
   """
 
   def call(self, inputs, training=None, mask=None):
-    if not (training and self.trainable) or mask is not None or self.renorm:
+    if (
+        not (training and self.trainable)
+        or mask is not None
+        or self.renorm
+        or self.synchronized  # Its statistics and their gradients span replicas.
+    ):
       return super().call(inputs, training=training, mask=mask)
     compute_dtype = keras.backend.result_type(inputs.dtype, "float32")
     inputs = keras.ops.cast(inputs, compute_dtype)
