@@ -29,6 +29,30 @@ def normalization_gradient(dy, x, mean, variance, gamma, epsilon):
   return dx, dgamma, dbeta
 
 
+def fused_normalization_gradient(dy, x, mean, variance, gamma, epsilon):
+  """`normalization_gradient` by TensorFlow's fused kernel (`FusedBatchNormGradV3`,
+  training mode; the gradient of the original's fused TF1 batch norm), for the
+  CPU and XLA:CPU kernels, which read the batch variance (see
+  `fused_gradient_applies`). Exact to second order: TensorFlow's gradient of the
+  kernel differentiates the batch statistics itself.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  # One NHWC image of all the values: the kernel reduces N, H, W alike.
+  as_image = lambda t: tf.reshape(t, [1, 1, -1, tf.shape(t)[-1]])
+  dx, dgamma, dbeta = tf.raw_ops.FusedBatchNormGradV3(
+      y_backprop=as_image(dy),
+      x=as_image(x),
+      scale=gamma,
+      reserve_space_1=mean,
+      reserve_space_2=variance,
+      reserve_space_3=variance,  # Not read by the CPU kernels.
+      epsilon=epsilon,
+      is_training=True,
+  )[:3]
+  return tf.reshape(dx, tf.shape(x)), dgamma, dbeta
+
+
 def fused_gradient_applies(dtype):
   """Whether TensorFlow's fused batch-norm gradient kernel may stand in for
   `normalization_gradient`: not in float64 (the kernel has none), not with a
@@ -58,15 +82,11 @@ class BatchNormalizationTF1(keras.layers.BatchNormalization):
 
   On the TensorFlow backend, with the channels last and both gamma and beta, the
   training-mode gradient is taken whole instead of differentiating the moments op
-  by op: TensorFlow's fused kernel (`FusedBatchNormGradV3`, the gradient the
-  original's fused TF1 batch norm used; on CPU, in float16/bfloat16/float32) or
-  else `normalization_gradient` (float64, GPUs). The margin's backward passes
-  cross each batch norm once per competing class: on the MNIST CNN the fused
-  kernel takes 2.1 ms where the written-out form takes 4.0 and the op-by-op
-  gradient twice that (`benchmarks/backward_pass_breakdown.py`). Both are exact
-  to second order (TensorFlow's gradient of the fused kernel differentiates the
-  batch statistics, so none flows through ``mean`` and ``variance`` here). The
-  forward values are Keras' ops, unchanged.
+  by op: `fused_normalization_gradient` (on CPU, in float16/bfloat16/float32) or
+  else `normalization_gradient` (float64, GPUs), both exact to second order (none
+  flows through the batch statistics here). The margin's backward passes cross
+  each batch norm once per competing class (`benchmarks/normalization_gradient.py`
+  times the three forms). The forward values are Keras' ops, unchanged.
 
   Example: the original's settings (TF1's defaults are momentum 0.99, epsilon 1e-3
   in Keras but 0.9 / 1e-5 in the original MNIST network):
@@ -125,24 +145,8 @@ class BatchNormalizationTF1(keras.layers.BatchNormalization):
       @tf.custom_gradient
       def normalize_with_gradient(x, mean, variance, scale, offset):
         def gradient(dy):
-          if fused:
-            # One NHWC image of all the values: the kernel reduces N, H, W alike.
-            as_image = lambda t: tf.reshape(t, [1, 1, -1, tf.shape(t)[-1]])
-            dx, dgamma, dbeta = tf.raw_ops.FusedBatchNormGradV3(
-                y_backprop=as_image(dy),
-                x=as_image(x),
-                scale=scale,
-                reserve_space_1=mean,
-                reserve_space_2=variance,
-                reserve_space_3=variance,  # Not read by the CPU kernels.
-                epsilon=epsilon,
-                is_training=True,
-            )[:3]
-            dx = tf.reshape(dx, tf.shape(x))
-          else:
-            dx, dgamma, dbeta = normalization_gradient(
-                dy, x, mean, variance, scale, epsilon
-            )
+          gradient_of = fused_normalization_gradient if fused else normalization_gradient
+          dx, dgamma, dbeta = gradient_of(dy, x, mean, variance, scale, epsilon)
           # The statistics' dependence on x is in dx: none flows through them.
           return dx, None, None, dgamma, dbeta
 
