@@ -12,6 +12,13 @@ the examples: their logits cos * scale are evaluated), on the first
   their worst case (the reported number);
 * black-box accuracy under the same attacks crafted on ``--source_model`` (Elsayed et
   al. 2018 transfer them from a cross-entropy model; not for the source model itself);
+* how the source's FGSM directions u = sign(grad_x L_source) meet the model, per
+  attack objective, over the correctly classified examples
+  (`tf_large_margin.directional_margins`): the alignment of u with the model's own
+  steepest logit-margin decrease (1: u is the model's own worst direction) and the
+  smallest radius along u at which the model errs (``--transfer_steps`` grid
+  intervals up to the largest epsilon); to first order the latter is the model's
+  own l_inf margin divided by the alignment;
 * the fraction of examples whose input gradient of each objective is zero
   (gradient masking: the attack leaves them unchanged);
 * certified accuracy over the same ``--epsilons`` (``--certified_method``, interval
@@ -50,6 +57,7 @@ from tf_large_margin import adversarial  # pylint: disable=unused-import
 from tf_large_margin import attacks
 from tf_large_margin import certified
 from tf_large_margin import datasets
+from tf_large_margin import directional_margins
 from tf_large_margin import layers
 from tf_large_margin import margin_estimation
 
@@ -94,6 +102,12 @@ flags.DEFINE_list(
     "Standard deviations of the Gaussian noise, in [0, 1] pixel units.",
 )
 flags.DEFINE_integer("deepfool_steps", 50, "DeepFool's maximum steps (0: skip it).")
+flags.DEFINE_integer(
+    "transfer_steps",
+    60,
+    "Grid intervals of the distance along the source's FGSM directions, up to the "
+    "largest epsilon (0: skip the transfer analysis).",
+)
 flags.DEFINE_list(
     "thresholds",
     ["0.1", "0.3", "1.0"],
@@ -238,6 +252,40 @@ def certified_accuracy(model, dataset, epsilons):
   return curve
 
 
+def transfer_results(model, source_model, dataset, max_epsilon):
+  """Per attack objective: summaries of the alignment of the source's FGSM
+  directions with ``model``'s steepest logit-margin decrease, and of the radius
+  along them at which ``model`` errs, over its correctly classified examples."""
+  results = {}
+  for loss in FLAGS.attack_losses:
+    start = time.time()
+    alignment, radii = [], []
+    for x, labels in dataset:
+      _, gradient = attacks.loss_gradient(source_model, x, labels, loss)
+      direction = np.sign(gradient)
+      alignment.append(
+          directional_margins.direction_alignment(model, x, labels, direction)
+      )
+      radii.append(
+          directional_margins.directional_margins(
+              model, x, labels, direction, max_epsilon, FLAGS.transfer_steps
+          )
+      )
+    alignment, radii = np.concatenate(alignment), np.concatenate(radii)
+    correct = radii > 0
+    results[loss] = dict(
+        alignment=margin_estimation.summarize(alignment[correct]),
+        directional_margin=margin_estimation.summarize(
+            radii[correct], thresholds=[float(e) for e in FLAGS.epsilons]
+        ),
+    )
+    progress(
+        f"  transfer ({loss}): median alignment {np.median(alignment[correct]):.4f}, "
+        f"median radius {np.median(radii[correct]):.4f} ({time.time() - start:.1f} s)"
+    )
+  return results
+
+
 def margin_results(model, dataset, num_batches):
   """(per-example margins, their summaries over correctly classified examples)."""
   values = margin_estimation.dataset_margins(
@@ -267,6 +315,10 @@ def evaluate_model(model, source_model, dataset, num_batches):
     result["black_box"], result["black_box_by_loss"] = attack_curves(
         model, dataset, epsilons, source_model
     )
+    if FLAGS.transfer_steps and max(epsilons) > 0:
+      result["transfer"] = transfer_results(
+          model, source_model, dataset, max(epsilons)
+      )
   if FLAGS.certified_method != "none":
     try:
       result["certified"] = certified_accuracy(model, dataset, epsilons)
@@ -395,6 +447,7 @@ def main(argv):
       dist_norm=config_lib.format_norm(FLAGS.dist_norm),
       margin_layers=FLAGS.margin_layers,
       deepfool_steps=FLAGS.deepfool_steps,
+      transfer_steps=FLAGS.transfer_steps,
       attack_losses=FLAGS.attack_losses,
       certified_method=FLAGS.certified_method,
       seed=FLAGS.seed,

@@ -13,6 +13,7 @@ import tf_large_margin as tlm
 from tf_large_margin import attacks
 from tf_large_margin import certified
 from tf_large_margin import datasets
+from tf_large_margin import directional_margins
 from tf_large_margin import margin_estimation
 
 import matplotlib  # noqa: F401  (the plots need it: a missing install fails here)
@@ -95,6 +96,7 @@ def test_report_keys(evaluation):
       "gaussian",
       "margins",
       "path",
+      "transfer",
       "white_box",
       "white_box_by_loss",
       "zero_gradient_fraction",
@@ -174,6 +176,36 @@ def test_report_values_equal_the_library(evaluation):
   assert report["models"]["xent"]["clean_accuracy"] == pytest.approx(
       attacks.robust_accuracy(source, dataset)
   )
+
+
+def test_transfer_analysis_equals_the_library(evaluation):
+  report, _, _, source, target, dataset = evaluation
+  transfer = report["models"]["margin"]["transfer"]
+  assert sorted(transfer) == ["logit_margin", "xent"]
+  assert "transfer" not in report["models"]["xent"]
+  for loss in ("xent", "logit_margin"):
+    alignment, radii = [], []
+    for x, y in dataset:
+      _, gradient = attacks.loss_gradient(source, x, y, loss)
+      alignment.append(
+          directional_margins.direction_alignment(target, x, y, np.sign(gradient))
+      )
+      radii.append(
+          directional_margins.directional_margins(target, x, y, np.sign(gradient), 0.1, 60)
+      )
+    alignment, radii = np.concatenate(alignment), np.concatenate(radii)
+    correct = radii > 0
+    assert transfer[loss]["alignment"]["count"] == correct.sum()
+    assert transfer[loss]["alignment"]["median"] == pytest.approx(
+        np.median(alignment[correct]), rel=1e-5
+    )
+    assert transfer[loss]["directional_margin"]["median"] == pytest.approx(
+        np.median(radii[correct]), rel=1e-5
+    )
+    assert 0 < np.median(alignment[correct]) < 1
+    # Examples never flipped along the line up to 0.1 survive black-box FGSM at 0.1.
+    black_box = report["models"]["margin"]["black_box_by_loss"][loss]["fgsm"]["0.1"]
+    assert black_box >= np.mean(np.isinf(radii)) - 1e-9
 
 
 def test_plots_and_progress(evaluation):

@@ -30,6 +30,7 @@ Output-space margin losses
   `schedules`, `callbacks`        `LambdaDecay` and the `LambdaScheduler` callback
 Measuring margins and robustness
   `margin_estimation` first-order, linearised and DeepFool margins; summaries
+  `directional_margins` distance and alignment along given (transferred) directions
   `certified`         certified margin lower bounds (interval and CROWN bounds),
                       built on `bound_operations`, `bound_network`, `bound_propagation`
   `attacks`           FGSM, iterative FGSM, PGD (cross-entropy or logit-margin);
@@ -81,6 +82,7 @@ if keras.backend.backend() == "tensorflow":
   from tf_large_margin import attacks
   from tf_large_margin import certified
   from tf_large_margin import datasets
+  from tf_large_margin import directional_margins
   from tf_large_margin import jacobian
   from tf_large_margin import margin_estimation
   from tf_large_margin import monitor
