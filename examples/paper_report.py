@@ -32,6 +32,16 @@ from absl import app
 from absl import flags
 
 import reproduce_mnist
+from paired_statistics import format_difference
+from paired_statistics import mean_std
+from paired_statistics import paired_interval
+from robustness_report import ATTACKS
+from robustness_report import attack_tables
+from robustness_report import plot_robustness
+from robustness_report import robust_difference
+from robustness_report import robustness_cells
+from robustness_report import robustness_tables
+from robustness_report import transfer_table
 
 flags.DEFINE_list(
     "report_baselines",
@@ -41,11 +51,13 @@ flags.DEFINE_list(
 flags.DEFINE_string(
     "readme", "",
     "A markdown file whose `<!-- paper_report:NAME -->` ... `<!-- /paper_report:NAME -->` "
-    "blocks (NAME: claims, limited_data, noisy_labels, robustness) are replaced by the tables.")
+    "blocks (NAME: claims, limited_data, noisy_labels, robustness, transfer) are replaced "
+    "by the tables.")
+flags.DEFINE_list(
+    "readme_tables", [],
+    "With --readme: only these blocks (default: every block the data has, e.g. "
+    "--readme_tables=transfer for an --out_dir holding only the transfer analysis).")
 FLAGS = flags.FLAGS
-
-# Two-sided 95 % Student-t quantiles, t_{0.975}(df), for df = 1 .. 10.
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
 
 # The paper's claims (Elsayed et al. 2018, Fig. 2): (task, point, method,
 # baseline, paper's difference in accuracy points or None where the paper's text
@@ -64,12 +76,6 @@ CLAIMS = (
 # every epsilon > 0 of white-box and black-box FGSM / iterative FGSM; checked at
 # these radii (the sign only).
 ROBUSTNESS_CLAIM_EPSILONS = ("0.1", "0.2")
-ATTACKS = (
-    ("white_box", "fgsm", "white-box FGSM"),
-    ("white_box", "iterative_fgsm", "white-box iterative FGSM"),
-    ("black_box", "fgsm", "black-box FGSM"),
-    ("black_box", "iterative_fgsm", "black-box iterative FGSM"),
-)
 SIGN_ONLY_MINIMUM = 1.0
 # Each claim is checked for these variants of its method: (method, what differs).
 CLAIM_VARIANTS = {
@@ -95,27 +101,6 @@ AXES = {
     "limited_data": ("training examples", "Fig. 2 right: limited data", float, "log"),
     "noisy_labels": ("fraction of noisy labels", "Fig. 2 left: noisy labels", float, "linear"),
 }
-
-
-def t_quantile(df):
-  """t_{0.975}(df) (the normal quantile beyond the table)."""
-  return _T975[df - 1] if df <= len(_T975) else 1.96
-
-
-def mean_std(values):
-  mean = sum(values) / len(values)
-  if len(values) < 2:
-    return mean, float("nan")
-  var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
-  return mean, math.sqrt(var)
-
-
-def paired_interval(differences):
-  """(mean, half-width of the 95 % t interval) of paired differences."""
-  mean, std = mean_std(differences)
-  if len(differences) < 2:
-    return mean, float("nan")
-  return mean, t_quantile(len(differences) - 1) * std / math.sqrt(len(differences))
 
 
 def select(records, search_seed):
@@ -153,15 +138,6 @@ def difference(selected, task, point, method, baseline):
   diffs = [100 * (a[s]["test_accuracy"] - b[s]["test_accuracy"]) for s in seeds]
   mean, half = paired_interval(diffs)
   return mean, half, len(seeds)
-
-
-def format_difference(result):
-  if result is None:
-    return "–"
-  mean, half, n = result
-  if n < 2:
-    return f"{mean:+.2f} (1 seed)"
-  return f"{mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}]"
 
 
 def verdict(result, paper_difference):
@@ -296,122 +272,6 @@ def claims_table(selected, robustness):
   return "\n".join(lines)
 
 
-def robustness_cells(records):
-  """{method: {seed: record}} of the --task=robustness records."""
-  cells = collections.defaultdict(dict)
-  for record in records.values():
-    if record["task"] == reproduce_mnist.ROBUSTNESS:
-      cells[record["method"]][record["seed"]] = record
-  return dict(cells)
-
-
-def robust_accuracies(cells, box, attack, epsilon):
-  """{seed: accuracy in %} of one attack (box "certified": the certified accuracy)."""
-  accuracy = {}
-  for seed, record in cells.items():
-    curve = record.get(box) if box == "certified" else (record.get(box) or {}).get(attack)
-    if curve and epsilon in curve:
-      accuracy[seed] = 100 * curve[epsilon]
-  return accuracy
-
-
-def robust_difference(robustness, method, baseline, box, attack, epsilon):
-  """As `difference`, for the accuracies under one attack."""
-  if method not in robustness or baseline not in robustness:
-    return None
-  a = robust_accuracies(robustness[method], box, attack, epsilon)
-  b = robust_accuracies(robustness[baseline], box, attack, epsilon)
-  seeds = sorted(set(a) & set(b))
-  if not seeds:
-    return None
-  mean, half = paired_interval([a[s] - b[s] for s in seeds])
-  return mean, half, len(seeds)
-
-
-def robustness_epsilons(robustness):
-  return sorted({e for cells in robustness.values() for r in cells.values()
-                 for e in (r.get("certified") or r["white_box"]["fgsm"])}, key=float)
-
-
-def robustness_tables(robustness, baselines):
-  """The markdown of the robustness task: accuracy per attack and epsilon."""
-  order = list(reproduce_mnist.METHODS)
-  methods = sorted(robustness, key=order.index)
-  first = next(iter(robustness[methods[0]].values()))
-  lines = [
-      "### Fig. 3: robustness", "",
-      f"Models of the noisy_labels task at point {first['point']} (clean labels, each "
-      "method at its chosen gamma); the first "
-      f"{first['num_examples']} test images; accuracy (%) under each attack, the worst "
-      f"case over the objectives {', '.join(first['attack_losses'])}; iterative FGSM "
-      f"{first['ifgsm_steps']} steps; black-box examples crafted on the cross-entropy "
-      "model of the next seed; mean ± std over seeds (n).",
-  ]
-  return "\n".join(lines) + "\n\n" + attack_tables(robustness, baselines)
-
-
-def attack_tables(robustness, baselines):
-  """Accuracy per epsilon and method, and margin − baseline (each baseline that
-  was attacked, paired by seed), for each attack."""
-  order = list(reproduce_mnist.METHODS)
-  methods = sorted(robustness, key=order.index)
-  epsilons = robustness_epsilons(robustness)
-  pairs = [(m, b) for b in baselines if b in robustness
-           for m in methods if reproduce_mnist.is_margin(m)]
-  lines = []
-  for box, attack, title in (*ATTACKS, ("certified", None, "certified (IBP)")):
-    lines += ["", f"**{title}**", "",
-              "| epsilon | " + " | ".join(methods) + " | "
-              + " | ".join(f"{m} − {b}" for m, b in pairs) + " |",
-              "|---" * (1 + len(methods) + len(pairs)) + "|"]
-    for epsilon in epsilons:
-      row = []
-      for method in methods:
-        values = list(robust_accuracies(robustness[method], box, attack, epsilon).values())
-        if values:
-          mean, std = mean_std(values)
-          row.append(f"{mean:.1f} ± {std:.1f} ({len(values)})")
-        else:
-          row.append("–")
-      row += [format_difference(robust_difference(robustness, m, b, box, attack, epsilon))
-              for m, b in pairs]
-      lines.append(f"| {epsilon} | " + " | ".join(row) + " |")
-  return "\n".join(lines[1:])
-
-
-def plot_robustness(robustness, path):
-  """Fig. 3's panels: accuracy against epsilon per attack, one curve per method."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-
-  matplotlib.use("Agg")
-  from matplotlib import pyplot  # pylint: disable=import-outside-toplevel
-
-  order = list(reproduce_mnist.METHODS)
-  epsilons = robustness_epsilons(robustness)
-  figure, axes = pyplot.subplots(2, 2, figsize=(9, 7), sharex=True, sharey=True)
-  for axis, (box, attack, title) in zip(axes.flat, ATTACKS):
-    for method in sorted(robustness, key=order.index):
-      xs, means, stds = [], [], []
-      for epsilon in epsilons:
-        values = list(robust_accuracies(robustness[method], box, attack, epsilon).values())
-        if values:
-          mean, std = mean_std(values)
-          xs.append(float(epsilon))
-          means.append(mean)
-          stds.append(0.0 if math.isnan(std) else std)
-      axis.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=method)
-    axis.set_title(title)
-    axis.grid(alpha=0.3)
-  for axis in axes[1]:
-    axis.set_xlabel("epsilon (l_inf, pixels in [0, 1])")
-  for axis in axes[:, 0]:
-    axis.set_ylabel("accuracy (%)")
-  axes[0, 0].legend(fontsize=8)
-  figure.tight_layout()
-  figure.savefig(path, dpi=100)
-  pyplot.close(figure)
-
-
 def plot(selected, task, path):
   """The task's figure: mean test accuracy ± std against the point, per method."""
   import matplotlib  # pylint: disable=import-outside-toplevel
@@ -466,6 +326,9 @@ def write_report(out_dir, selected, robustness, baselines):
   if robustness:
     name = reproduce_mnist.ROBUSTNESS
     sections.append(robustness_tables(robustness, baselines))
+    transfer = transfer_table(robustness)
+    if transfer:
+      sections.append("### How the black-box examples meet each model\n\n" + transfer)
     sections.append(f"![{name}]({name}.png)")
     plot_robustness(robustness, os.path.join(out_dir, f"{name}.png"))
   text = "\n\n".join(sections) + "\n"
@@ -474,6 +337,7 @@ def write_report(out_dir, selected, robustness, baselines):
   return text
 
 
+README_TABLES = ("claims", *AXES, reproduce_mnist.ROBUSTNESS, "transfer")
 README_BLOCK = re.compile(
     r"(<!-- paper_report:(?P<name>[a-z_]+) -->\n)(?:.*?\n)?(<!-- /paper_report:(?P=name) -->)",
     re.DOTALL)
@@ -482,27 +346,35 @@ README_BLOCK = re.compile(
 def readme_blocks(selected, robustness, baselines):
   """{name: markdown} of the tables a README embeds: "claims", each task's accuracy
   table and its difference table to the first baseline, "robustness"'s attack
-  tables (every baseline)."""
+  tables (every baseline) and, where the records have it, "transfer"
+  (`robustness_report.transfer_table`)."""
   blocks = {"claims": claims_table(selected, robustness)}
   for task in AXES:
     blocks[task] = "\n\n".join(
         [accuracy_section(selected, task), *difference_sections(selected, task, baselines[:1])])
   if robustness:
     blocks[reproduce_mnist.ROBUSTNESS] = attack_tables(robustness, baselines)
+    transfer = transfer_table(robustness)
+    if transfer:
+      blocks["transfer"] = transfer
   return blocks
 
 
 def update_readme(path, blocks):
   """Replaces the text between `<!-- paper_report:NAME -->` and
-  `<!-- /paper_report:NAME -->` in `path` by blocks[NAME]; returns the names."""
+  `<!-- /paper_report:NAME -->` in `path` by blocks[NAME]; returns the names. A
+  block of a known table the data does not have stays as it is; an unknown NAME
+  raises ValueError."""
   with open(path, encoding="utf-8") as f:
     text = f.read()
   names = []
 
   def replace(match):
     name = match.group("name")
+    if name not in README_TABLES:
+      raise ValueError(f"{path}: no table {name!r} (tables: {README_TABLES})")
     if name not in blocks:
-      raise ValueError(f"{path}: no table {name!r} (tables: {sorted(blocks)})")
+      return match.group(0)
     names.append(name)
     return match.group(1) + blocks[name] + "\n" + match.group(3)
 
@@ -517,6 +389,8 @@ def main(_):
   print(write_report(FLAGS.out_dir, selected, robustness, FLAGS.report_baselines))
   if FLAGS.readme:
     blocks = readme_blocks(selected, robustness, FLAGS.report_baselines)
+    if FLAGS.readme_tables:
+      blocks = {name: blocks[name] for name in FLAGS.readme_tables}
     names = update_readme(FLAGS.readme, blocks)
     print(f"{FLAGS.readme}: tables {', '.join(names)} updated")
 

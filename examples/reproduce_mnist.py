@@ -48,7 +48,9 @@ Robustness (paper Fig. 3): ``--task=robustness`` evaluates the models that the
 examples), each method at its chosen gamma, with `examples/evaluate.py` on the
 first --robustness_examples test images: white-box and black-box FGSM / iterative
 FGSM over evaluate.py's epsilons (worst case over its attack objectives, the
-softmax cross-entropy and the logit margin), certified (IBP) accuracy. The
+softmax cross-entropy and the logit margin), certified (IBP) accuracy, the l_inf
+margins and how the black-box directions meet the model (evaluate.py's transfer
+analysis; `paper_report` tabulates it). The
 black-box examples of seed s are crafted on the ``xent`` model of seed s + 1 (an
 independently trained cross-entropy model, as the paper's transfer attacks). One
 record per (method, seed) goes to the same cells.jsonl.
@@ -432,7 +434,8 @@ def trained_cell(done, method, seed):
 def robustness_record(cell, method, seed, model, source, evaluation):
   """The cells.jsonl record of one model's eval.json entry."""
   (result,) = evaluation["models"].values()
-  keys = ("clean_accuracy", "white_box", "black_box", "certified", "zero_gradient_fraction")
+  keys = ("clean_accuracy", "white_box", "black_box", "certified", "zero_gradient_fraction",
+          "margins", "transfer")
   return dict(
       cell=cell,
       task=ROBUSTNESS,
@@ -472,6 +475,7 @@ def run_robustness(done):
             f"--data_source={FLAGS.data_source}",
             f"--num_examples={FLAGS.robustness_examples}",
             "--deepfool_steps=0",
+            "--dist_norm=inf",
             f"--output_dir={run_dir}",
         ], run_dir)
         with open(os.path.join(run_dir, "eval.json"), encoding="utf-8") as f:

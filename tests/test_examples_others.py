@@ -268,8 +268,14 @@ def fake_evaluate(calls, train):
     def curve(extra=0.0):
       return {e: 0.9 - float(e) + 0.01 * seed + extra for e in ("0.0", "0.1", "0.2")}
     fgsm_ifgsm = dict(fgsm=curve(bonus), iterative_fgsm=curve(bonus * (seed - 1.5)))
+    summary = lambda value: dict(median=value)  # noqa: E731
+    alignment = 0.3 + 0.1 * ("/margin_all/" in model) + 0.01 * seed
     result = dict(clean_accuracy=0.99, white_box=fgsm_ifgsm, black_box=fgsm_ifgsm,
-                  certified=curve(), zero_gradient_fraction=dict(xent=0.0))
+                  certified=curve(), zero_gradient_fraction=dict(xent=0.0),
+                  margins=dict(linearized=summary(0.06 + bonus / 5)),
+                  transfer={loss: dict(alignment=summary(alignment),
+                                       directional_margin=summary(0.2 - seed / 100))
+                            for loss in ("xent", "logit_margin")})
     evaluation = dict(num_examples=int(values["num_examples"]), ifgsm_steps=10,
                       attack_losses=["xent", "logit_margin"], models={"m": result})
     with open(os.path.join(values["output_dir"], "eval.json"), "w") as f:
@@ -299,6 +305,7 @@ def test_reproduce_mnist_robustness(reproduce_mnist, monkeypatch, tmp_path):
   assert ("runs/noisy_labels/margin_all/0.0_gamma=1000_seed=2/model.keras",
           "runs/noisy_labels/xent/0.0_seed=0/model.keras") in pairs
   assert len(calls) == 9 and {c["num_examples"] for c in calls} == {"100"}
+  assert {c["dist_norm"] for c in calls} == {"inf"}
   record = reproduce_mnist.read_cells(str(tmp_path))["robustness/margin_all/0.0_seed=1"]
   assert record["gamma"] == 1000 and record["source_cell"] == "noisy_labels/xent/0.0_seed=2"
   calls.clear()
@@ -321,6 +328,22 @@ def test_reproduce_mnist_robustness(reproduce_mnist, monkeypatch, tmp_path):
   verdict = reproduce_mnist.paper_report.verdict
   assert verdict((0.5, 0.1, 3), None) == "not (below 1 point)"
   assert (tmp_path / "robustness.png").read_bytes()[:4] == b"\x89PNG"
+  # The transfer table: medians per seed, mean ± std, paired difference to xent.
+  assert "| median over correct test images | xent | margin_all | xent_rmsprop | " in text
+  assert ("| white-box l_inf margin (linearised logits) | 0.060 ± 0.000 (3) | "
+          "0.080 ± 0.000 (3) | 0.060 ± 0.000 (3) | +0.020 [+0.020, +0.020] | "
+          "+0.000 [+0.000, +0.000] |") in text
+  assert ("| alignment of the source's FGSM direction, cross-entropy objective | "
+          "0.310 ± 0.010 (3) | 0.410 ± 0.010 (3) | 0.310 ± 0.010 (3) | +0.100 [") in text
+  # --readme --readme_tables=transfer: the transfer block is replaced, the others stay.
+  readme = tmp_path / "README.md"
+  readme.write_text("<!-- paper_report:transfer -->\nold\n<!-- /paper_report:transfer -->\n"
+                    "<!-- paper_report:limited_data -->\nkept\n<!-- /paper_report:limited_data -->\n")
+  report_module = reproduce_mnist.paper_report
+  blocks = report_module.readme_blocks(*report_module.load(str(tmp_path), 0), ["xent"])
+  assert report_module.update_readme(str(readme), {"transfer": blocks["transfer"]}) == [
+      "transfer"]
+  assert "old" not in readme.read_text() and "\nkept\n" in readme.read_text()
 
 
 
