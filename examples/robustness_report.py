@@ -142,30 +142,51 @@ def plot_robustness(robustness, path):
   pyplot.close(figure)
 
 
-# Rows of the transfer table: (title, record path, digits).
+def median_of(*path):
+  """A function of a record: the median of the summary at ``path`` (None where
+  absent)."""
+
+  def get(record):
+    value = record
+    for key in path:
+      value = (value or {}).get(key)
+    return None if value is None else value.get("median")
+
+  return get
+
+
+def black_box_fgsm(epsilon):
+  """A function of a record: its black-box FGSM accuracy (%) at ``epsilon``."""
+
+  def get(record):
+    value = ((record.get("black_box") or {}).get("fgsm") or {}).get(epsilon)
+    return None if value is None else 100 * value
+
+  return get
+
+
+# Rows of the transfer table: (title, value of a record, digits).
 TRANSFER_ROWS = (
-    ("white-box l_inf margin (linearised logits)", ("margins", "linearized"), 3),
-    ("alignment of the source's FGSM direction, cross-entropy objective",
-     ("transfer", "xent", "alignment"), 3),
-    ("radius along it at which the model errs", ("transfer", "xent", "directional_margin"), 3),
-    ("alignment of the source's FGSM direction, logit-margin objective",
-     ("transfer", "logit_margin", "alignment"), 3),
-    ("radius along it at which the model errs", ("transfer", "logit_margin", "directional_margin"), 3),
+    ("black-box FGSM accuracy (%), epsilon 0.1", black_box_fgsm("0.1"), 1),
+    ("black-box FGSM accuracy (%), epsilon 0.2", black_box_fgsm("0.2"), 1),
+    ("white-box l_inf margin (linearised logits), median",
+     median_of("margins", "linearized"), 3),
+    ("alignment of the source's FGSM direction (cross-entropy), median",
+     median_of("transfer", "xent", "alignment"), 3),
+    ("l_inf radius along it at which the model errs, median",
+     median_of("transfer", "xent", "directional_margin"), 3),
+    ("alignment of the source's FGSM direction (logit margin), median",
+     median_of("transfer", "logit_margin", "alignment"), 3),
+    ("l_inf radius along it at which the model errs, median",
+     median_of("transfer", "logit_margin", "directional_margin"), 3),
 )
 
 
-def median_of(record, path):
-  """The median of the summary at ``path`` in a record (None where absent)."""
-  value = record
-  for key in path:
-    value = (value or {}).get(key)
-  return None if value is None else value.get("median")
-
-
 def transfer_table(robustness, baseline="xent"):
-  """Medians over each model's correct test images of its white-box margin, the
-  alignment of the black-box source's FGSM directions with its worst directions
-  and the radius along them at which it errs; mean ± std over seeds and the paired
+  """Per method with the transfer analysis: black-box FGSM accuracy, and medians
+  over the model's correct test images of its white-box margin, of the alignment
+  of the black-box source's FGSM directions with its worst directions and of the
+  radius along them at which it errs; mean ± std over seeds and the paired
   difference to ``baseline``. "" if no record has the transfer analysis."""
   order = list(reproduce_mnist.METHODS)
   methods = sorted((m for m in robustness
@@ -173,12 +194,12 @@ def transfer_table(robustness, baseline="xent"):
   if not methods:
     return ""
   others = [m for m in methods if m != baseline]
-  lines = ["| median over correct test images | " + " | ".join(methods) + " | "
+  lines = ["| per model, mean ± std over seeds (n) | " + " | ".join(methods) + " | "
            + " | ".join(f"{m} − {baseline}" for m in others if baseline in methods) + " |",
            "|---" * (1 + len(methods) + (len(others) if baseline in methods else 0)) + "|"]
-  for title, path, digits in TRANSFER_ROWS:
-    values = {m: {s: median_of(r, path) for s, r in robustness[m].items()
-                  if median_of(r, path) is not None} for m in methods}
+  for title, value_of, digits in TRANSFER_ROWS:
+    values = {m: {s: value_of(r) for s, r in robustness[m].items()
+                  if value_of(r) is not None} for m in methods}
     row = []
     for method in methods:
       if values[method]:
