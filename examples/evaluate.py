@@ -24,7 +24,8 @@ the examples: their logits cos * scale are evaluated), on the first
 * certified accuracy over the same ``--epsilons`` (``--certified_method``, interval
   bound propagation by default; `tf_large_margin.certified`): the fraction of
   examples whose prediction is correct and provably constant in the l_inf ball of
-  radius epsilon, the floor under every attack's accuracy;
+  radius epsilon intersected with the data range [0, 1] (where the attacks search),
+  the floor under every attack's accuracy;
 * accuracy under additive Gaussian noise over the ``--sigmas`` grid;
 * margins of the correctly classified examples, in the ``--dist_norm`` norm: first
   order (Eq. 10's distance) at each of ``--margin_layers``, the linearised-logit
@@ -228,7 +229,8 @@ def zero_gradient_fractions(model, dataset):
 
 
 def certified_accuracy(model, dataset, epsilons):
-  """{str(epsilon): fraction of examples certified correct in the l_inf ball}.
+  """{str(epsilon): fraction of examples certified correct in the l_inf ball,
+  within the data range [0, 1] the attacks search too}.
 
   One bisection per example gives a certified radius r (0 if misclassified); the
   prediction provably holds for every epsilon <= r.
@@ -243,6 +245,8 @@ def certified_accuracy(model, dataset, epsilons):
               norm=np.inf,
               method=FLAGS.certified_method,
               max_radius=max(max(epsilons), 1e-6),
+              clip_min=0.0,
+              clip_max=1.0,
           )
           for x, labels in dataset
       ]

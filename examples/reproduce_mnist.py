@@ -417,10 +417,11 @@ def pending_cells(done):
 
 def trained_cell(done, method, seed):
   """The noisy_labels record of ``method`` at --robustness_point, ``seed`` and its
-  chosen gamma (ValueError if it has not been trained)."""
+  chosen gamma, or its one --gammas value (ValueError if it has not been trained)."""
   task, point = TASKS[1], FLAGS.robustness_point
-  searched = len(gammas(method)) > 1
-  gamma = chosen_gamma(done, task, method, point) if searched else None
+  options = gammas(method)
+  searched = len(options) > 1
+  gamma = chosen_gamma(done, task, method, point) if searched else options[0]
   record = None if searched and gamma is None else done.get(
       cell_name(task, method, point, seed, gamma))
   if record is None:

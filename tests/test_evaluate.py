@@ -138,7 +138,8 @@ def test_report_values_equal_the_library(evaluation):
       attacks.robust_accuracy(target, dataset, "fgsm", source_model=source, epsilon=0.1)
   )
   radii = np.concatenate(
-      [certified.certified_radius(target, x, y, max_radius=0.1) for x, y in dataset]
+      [certified.certified_radius(target, x, y, max_radius=0.1, clip_min=0.0, clip_max=1.0)
+       for x, y in dataset]
   )
   for epsilon in ("0.0", "0.1"):
     certified_accuracy = np.mean((radii >= float(epsilon)) & (radii > 0))

@@ -349,6 +349,21 @@ def test_reproduce_mnist_robustness(reproduce_mnist, monkeypatch, tmp_path):
 
 
 
+def test_reproduce_mnist_robustness_of_a_model_trained_at_one_gamma(
+    reproduce_mnist, monkeypatch, tmp_path):
+  calls = []
+  monkeypatch.setattr(reproduce_mnist.subprocess, "run", fake_evaluate(calls, fake_mnist([])))
+  flags = [f"--out_dir={tmp_path}", "--methods=xent,margin_all", "--seeds=0,1",
+           "--gammas=1000", "--robustness_examples=10"]
+  for task in ("--task=noisy_labels", "--task=robustness"):
+    reproduce_mnist.FLAGS(["reproduce_mnist.py", task, "--points=0.0", *flags])
+    reproduce_mnist.main(None)
+    reproduce_mnist.FLAGS.unparse_flags()
+  models = sorted(os.path.relpath(c["model"], tmp_path) for c in calls)
+  assert models[:2] == ["runs/noisy_labels/margin_all/0.0_gamma=1000_seed=0/model.keras",
+                        "runs/noisy_labels/margin_all/0.0_gamma=1000_seed=1/model.keras"]
+
+
 def test_reproduce_mnist_rejects_unknown_methods_and_points(reproduce_mnist, tmp_path):
   reproduce_mnist.FLAGS(["reproduce_mnist.py", f"--out_dir={tmp_path}",
                          "--methods=xent,margin_everything"])
