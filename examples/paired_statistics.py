@@ -29,6 +29,16 @@ def paired_interval(differences):
   return mean, t_quantile(len(differences) - 1) * std / math.sqrt(len(differences))
 
 
+def paired_difference(a, b):
+  """(mean, half-width, n) of a[s] - b[s] over the seeds s both {seed: value}
+  dicts have, or None if they share none."""
+  seeds = sorted(set(a) & set(b))
+  if not seeds:
+    return None
+  mean, half = paired_interval([a[s] - b[s] for s in seeds])
+  return mean, half, len(seeds)
+
+
 def format_difference(result, digits=2):
   """"+m [+lo, +hi]" of a (mean, half-width, n) triple; "–" for None."""
   if result is None:

@@ -34,7 +34,7 @@ from absl import flags
 import reproduce_mnist
 from paired_statistics import format_difference
 from paired_statistics import mean_std
-from paired_statistics import paired_interval
+from paired_statistics import paired_difference
 from robustness_report import ATTACKS
 from robustness_report import attack_tables
 from robustness_report import plot_robustness
@@ -132,12 +132,9 @@ def difference(selected, task, point, method, baseline):
   b = selected.get((task, point, baseline))
   if not a or not b:
     return None
-  seeds = sorted(set(a) & set(b))
-  if not seeds:
-    return None
-  diffs = [100 * (a[s]["test_accuracy"] - b[s]["test_accuracy"]) for s in seeds]
-  mean, half = paired_interval(diffs)
-  return mean, half, len(seeds)
+  return paired_difference(
+      {s: 100 * r["test_accuracy"] for s, r in a.items()},
+      {s: 100 * r["test_accuracy"] for s, r in b.items()})
 
 
 def verdict(result, paper_difference):

@@ -16,7 +16,7 @@ import math
 import reproduce_mnist
 from paired_statistics import format_difference
 from paired_statistics import mean_std
-from paired_statistics import paired_interval
+from paired_statistics import paired_difference
 
 # Fig. 3's attacks: (record key, attack, title).
 ATTACKS = (
@@ -25,6 +25,7 @@ ATTACKS = (
     ("black_box", "fgsm", "black-box FGSM"),
     ("black_box", "iterative_fgsm", "black-box iterative FGSM"),
 )
+
 
 def robustness_cells(records):
   """{method: {seed: record}} of the --task=robustness records."""
@@ -51,11 +52,7 @@ def robust_difference(robustness, method, baseline, box, attack, epsilon):
     return None
   a = robust_accuracies(robustness[method], box, attack, epsilon)
   b = robust_accuracies(robustness[baseline], box, attack, epsilon)
-  seeds = sorted(set(a) & set(b))
-  if not seeds:
-    return None
-  mean, half = paired_interval([a[s] - b[s] for s in seeds])
-  return mean, half, len(seeds)
+  return paired_difference(a, b)
 
 
 def robustness_epsilons(robustness):
@@ -209,11 +206,7 @@ def transfer_table(robustness, baseline="xent"):
         row.append("–")
     if baseline in methods:
       for method in others:
-        seeds = sorted(set(values[method]) & set(values[baseline]))
-        result = None
-        if seeds:
-          result = (*paired_interval([values[method][s] - values[baseline][s] for s in seeds]),
-                    len(seeds))
-        row.append(format_difference(result, digits))
+        row.append(format_difference(
+            paired_difference(values[method], values[baseline]), digits))
     lines.append(f"| {title} | " + " | ".join(row) + " |")
   return "\n".join(lines)

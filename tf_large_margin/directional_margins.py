@@ -44,6 +44,16 @@ def _feasible(values, x, clip_min, clip_max):
   return tf.where(outward, tf.zeros_like(values), values)
 
 
+def _checked_directions(directions, x):
+  """``directions`` as a tensor of ``x``'s dtype after checking it has x's shape."""
+  directions = tf.convert_to_tensor(directions, x.dtype)
+  if directions.shape != x.shape:
+    raise ValueError(
+        f"directions must have the inputs' shape {x.shape}; got {directions.shape}."
+    )
+  return directions
+
+
 @tf.function(reduce_retracing=True)
 def _alignment_graph(model, x, labels, directions, norm, clip_min, clip_max):
   with tf.GradientTape() as tape:
@@ -85,11 +95,7 @@ def direction_alignment(
   margin_loss.dual_norm(norm)
   x, labels = argument_checks.float_inputs_and_labels(model, x, labels)
   argument_checks.check_data_range(x, clip_min, clip_max)
-  directions = tf.convert_to_tensor(directions, x.dtype)
-  if directions.shape != x.shape:
-    raise ValueError(
-        f"directions must have the inputs' shape {x.shape}; got {directions.shape}."
-    )
+  directions = _checked_directions(directions, x)
   return _alignment_graph(
       model,
       x,
@@ -155,11 +161,7 @@ def directional_margins(
   num_steps = argument_checks.check_steps(num_steps, "num_steps")
   x, labels = argument_checks.float_inputs_and_labels(model, x, labels)
   argument_checks.check_data_range(x, clip_min, clip_max)
-  directions = tf.convert_to_tensor(directions, x.dtype)
-  if directions.shape != x.shape:
-    raise ValueError(
-        f"directions must have the inputs' shape {x.shape}; got {directions.shape}."
-    )
+  directions = _checked_directions(directions, x)
   radii = tf.constant(
       max_distance * np.arange(num_steps + 1) / num_steps, x.dtype
   )
