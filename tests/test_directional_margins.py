@@ -148,9 +148,9 @@ def test_bad_arguments_raise():
   model, _, _ = affine_model()
   x = np.full((3, DIM), 0.5, "float32")
   labels = [0, 1, 2]
-  with pytest.raises(ValueError, match="shape"):
+  with pytest.raises(ValueError, match="directions must have the inputs. shape"):
     directional_margins.direction_alignment(model, x, labels, np.ones((3, DIM + 1)))
-  with pytest.raises(ValueError, match="shape"):
+  with pytest.raises(ValueError, match="directions must have the inputs. shape"):
     directional_margins.directional_margins(model, x, labels, np.ones((2, DIM)), 1.0)
   with pytest.raises(ValueError, match="max_distance"):
     directional_margins.directional_margins(model, x, labels, np.ones_like(x), 0.0)

@@ -44,14 +44,18 @@ def _feasible(values, x, clip_min, clip_max):
   return tf.where(outward, tf.zeros_like(values), values)
 
 
-def _checked_directions(directions, x):
-  """``directions`` as a tensor of ``x``'s dtype after checking it has x's shape."""
+def _checked_inputs(model, x, labels, directions, clip_min, clip_max):
+  """The checks both functions share: ``(x, int32 labels, directions, clip_min,
+  clip_max)`` as tensors of x's float dtype, after checking that x lies in the data
+  range and that ``directions`` has x's shape."""
+  x, labels = argument_checks.float_inputs_and_labels(model, x, labels)
+  argument_checks.check_data_range(x, clip_min, clip_max)
   directions = tf.convert_to_tensor(directions, x.dtype)
   if directions.shape != x.shape:
     raise ValueError(
         f"directions must have the inputs' shape {x.shape}; got {directions.shape}."
     )
-  return directions
+  return x, labels, directions, tf.constant(clip_min, x.dtype), tf.constant(clip_max, x.dtype)
 
 
 @tf.function(reduce_retracing=True)
@@ -93,18 +97,10 @@ def direction_alignment(
     A [batch] float32 numpy array in [-1, 1]; 0 where u_f or g_f is 0.
   """
   margin_loss.dual_norm(norm)
-  x, labels = argument_checks.float_inputs_and_labels(model, x, labels)
-  argument_checks.check_data_range(x, clip_min, clip_max)
-  directions = _checked_directions(directions, x)
-  return _alignment_graph(
-      model,
-      x,
-      labels,
-      directions,
-      norm,
-      tf.constant(clip_min, x.dtype),
-      tf.constant(clip_max, x.dtype),
-  ).numpy()
+  x, labels, directions, low, high = _checked_inputs(
+      model, x, labels, directions, clip_min, clip_max
+  )
+  return _alignment_graph(model, x, labels, directions, norm, low, high).numpy()
 
 
 @tf.function(reduce_retracing=True)
@@ -159,18 +155,8 @@ def directional_margins(
   if max_distance == 0.0:
     raise ValueError("max_distance must be > 0.")
   num_steps = argument_checks.check_steps(num_steps, "num_steps")
-  x, labels = argument_checks.float_inputs_and_labels(model, x, labels)
-  argument_checks.check_data_range(x, clip_min, clip_max)
-  directions = _checked_directions(directions, x)
-  radii = tf.constant(
-      max_distance * np.arange(num_steps + 1) / num_steps, x.dtype
+  x, labels, directions, low, high = _checked_inputs(
+      model, x, labels, directions, clip_min, clip_max
   )
-  return _directional_graph(
-      model,
-      x,
-      labels,
-      directions,
-      radii,
-      tf.constant(clip_min, x.dtype),
-      tf.constant(clip_max, x.dtype),
-  ).numpy()
+  radii = tf.constant(max_distance * np.arange(num_steps + 1) / num_steps, x.dtype)
+  return _directional_graph(model, x, labels, directions, radii, low, high).numpy()
